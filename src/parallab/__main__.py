@@ -1,0 +1,3 @@
+from parallab.cli import main
+
+raise SystemExit(main())

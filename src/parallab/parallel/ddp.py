@@ -1,0 +1,22 @@
+"""Data parallelism: every device holds the whole model; gradients are averaged."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+def apply_ddp(model: nn.Module, mesh: DeviceMesh, *, device: torch.device,
+              bucket_cap_mb: float = 25.0) -> DDP:
+    """Wrap ``model`` (already materialized: DDP broadcasts rank 0's weights at construction).
+
+    Gradients are all-reduced in buckets while backward still runs, overlapping communication
+    with computation; gradient_as_bucket_view makes the gradients views into those buckets
+    instead of a second copy of them.
+    """
+    return DDP(model, process_group=mesh.get_group(),
+               device_ids=[device.index] if device.type == "cuda" else None,
+               bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=True,
+               broadcast_buffers=False)

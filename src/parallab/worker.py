@@ -1,0 +1,110 @@
+"""Entry point of every rank: ``python -m parallab.worker SPEC.json`` under torchrun.
+
+The spec is plain JSON written by the launcher (never a pickle); rank 0 writes the result row
+as JSON next to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from parallab.config import TrainArgs, from_dict
+
+
+@dataclass
+class WorkerSpec:
+    args: dict
+    run_id: str
+    config_id: str
+    result_path: str
+    cache_dir: str
+    reference_path: str | None = None
+    save_reference: bool = False
+    peak_flops: float | None = None
+    peak_flops_source: str | None = None
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "WorkerSpec":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def run_worker(spec: WorkerSpec) -> int:
+    import torch
+
+    from parallab.metrics.processor import train_row
+    from parallab.runtime.device import gpu_peak_flops, machine_info
+    from parallab.runtime.dist import get_logger, init_distributed, shutdown
+    from parallab.train.trainer import Trainer, gather_measurements
+    from parallab.train.verify import TOLERANCE, compare_to_reference, save_reference
+
+    args = from_dict(TrainArgs, spec.args)
+    info = init_distributed(backend=args.runtime.backend, timeout_s=args.runtime.collective_timeout_s,
+                            threads=args.runtime.threads_per_device)
+    log = get_logger()
+    try:
+        if info.world_size != args.parallel.devices:
+            raise ValueError(f"parallel.devices={args.parallel.devices} but torchrun started "
+                             f"{info.world_size} processes")
+        torch.use_deterministic_algorithms(info.device.type == "cpu", warn_only=True)
+        trainer = Trainer.build(args, info, cache_dir=Path(spec.cache_dir))
+        log.info("%s: %s, %d parameters, %d device(s), %s", spec.config_id, args.model.preset,
+                 trainer.n_params, info.world_size, info.backend)
+        raw = trainer.run()
+        gathered = gather_measurements(trainer, raw)
+        losses = gathered["losses"]
+        verify = {"verify_tolerance": TOLERANCE[args.train.dtype]}
+        ref = Path(spec.reference_path) if spec.reference_path else None
+        if spec.save_reference:
+            if info.is_main:
+                save_reference(trainer.par.model_parts, losses, ref)
+            verify["verify_status"] = "reference"
+        elif ref is not None and ref.exists():
+            loss_dev, weight_dev = compare_to_reference(trainer.par.model_parts, losses, ref,
+                                                        device=info.device)
+            ok = max(loss_dev, weight_dev) <= verify["verify_tolerance"]
+            verify.update(verify_status="pass" if ok else "fail", verify_max_loss_rel=loss_dev,
+                          verify_max_weight_rel=weight_dev)
+        if info.is_main:
+            machine = machine_info()
+            peak_src = spec.peak_flops_source
+            if info.device.type == "cuda" and spec.peak_flops is None:
+                spec.peak_flops, peak_src = gpu_peak_flops(machine["device_name"], args.train.dtype)
+                spec.peak_flops_source = peak_src
+            row = train_row(spec=spec, args=args, trainer=trainer, gathered=gathered,
+                            verify=verify, machine=machine)
+            tmp = Path(spec.result_path + ".tmp")
+            tmp.write_text(json.dumps(row, default=str))
+            os.replace(tmp, spec.result_path)
+            log.info("%s: %.2f samples/s, step %.3fs, verify %s", spec.config_id, row["samples_per_s"],
+                     row["step_time_median_s"], row["verify_status"])
+        return 0
+    finally:
+        shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m parallab.worker SPEC.json", file=sys.stderr)
+        return 2
+    try:
+        return run_worker(WorkerSpec.read(argv[0]))
+    except Exception:
+        # The launcher reads the last line of the log as the failure's reason.
+        traceback.print_exc()
+        exc = sys.exc_info()[1]
+        print(f"PARALLAB-ERROR rank {os.environ.get('RANK', '0')}: {type(exc).__name__}: {exc}",
+              file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
