@@ -71,25 +71,19 @@ def _render(entries: list[Entry], title: str) -> Table:
     return table
 
 
-def run_sweep(args: SweepArgs, *, console: Console | None = None) -> Path:
-    """Run the whole sweep; returns the run folder."""
-    console = console or Console()
-    configs = validate_sweep(args)  # every configuration checked before anything launches
-    folder, run_id = prepare_run_folder(args.runtime.out_dir, args.runtime.run_id)
-    (folder.root / "sweep.json").write_text(json.dumps(to_dict(args), indent=1))
-    peak, peak_src = peak_flops_for(args, folder)
+def run_configs(entries: list[Entry], folder: RunFolder, *, run_id: str, peak_flops: float | None,
+                peak_flops_source: str | None, timeout_s: float, console: Console,
+                title: str) -> list[dict]:
+    """Run each entry in its own torchrun, the first (the single-device run) saving the
+    reference the others are verified against; append each row as soon as it exists."""
     reference = folder.root / "reference.pt"
-    entries = [Entry(config_id(c), c) for c in configs]
-    title = (f"parallab sweep {run_id}: {args.model.preset}, global batch {args.data.global_batch} "
-             f"({args.data.scaling} scaling), {cpu_cores()} cores")
     baseline = None
     with Live(_render(entries, title), console=console, refresh_per_second=2, transient=False) as live:
         for i, e in enumerate(entries):
             e.state, e.started = "running", time.perf_counter()
             live.update(_render(entries, title))
             row = launch(e.args, folder, run_id=run_id, reference=reference, save_reference=i == 0,
-                         peak_flops=peak, peak_flops_source=peak_src,
-                         timeout_s=args.sweep.config_timeout_s)
+                         peak_flops=peak_flops, peak_flops_source=peak_flops_source, timeout_s=timeout_s)
             if i == 0 and row["status"] == "ok":
                 baseline = row
             add_scaling(row, baseline)
@@ -99,6 +93,21 @@ def run_sweep(args: SweepArgs, *, console: Console | None = None) -> Path:
             if row["status"] != "ok":
                 live.console.print(f"[red]{e.cid}: {row['status']}[/]: {row['reason']} "
                                    f"(log: {folder.root / 'logs' / (e.cid + '.log')})")
+    return [e.row for e in entries]
+
+
+def run_sweep(args: SweepArgs, *, console: Console | None = None) -> Path:
+    """Run the whole sweep; returns the run folder."""
+    console = console or Console()
+    configs = validate_sweep(args)  # every configuration checked before anything launches
+    folder, run_id = prepare_run_folder(args.runtime.out_dir, args.runtime.run_id)
+    (folder.root / "sweep.json").write_text(json.dumps(to_dict(args), indent=1))
+    peak, peak_src = peak_flops_for(args, folder)
+    entries = [Entry(config_id(c), c) for c in configs]
+    title = (f"parallab sweep {run_id}: {args.model.preset}, global batch {args.data.global_batch} "
+             f"({args.data.scaling} scaling), {cpu_cores()} cores")
+    run_configs(entries, folder, run_id=run_id, peak_flops=peak, peak_flops_source=peak_src,
+                timeout_s=args.sweep.config_timeout_s, console=console, title=title)
     from parallab.report import build_reports, print_summary
     from parallab.bench.result import read_rows
 

@@ -1,0 +1,254 @@
+"""Result rows -> report.md, and the comparison of two sweeps (table data and compare.md).
+
+Deterministic: the same rows give the same bytes (no "generated at" time; rows are sorted).
+Every string that comes from a row goes through ``md_escape``: a pipe or newline in a config id
+must not break a table, and ``<script>`` must show as text in a renderer that allows raw HTML.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+import re
+import urllib.parse
+from pathlib import Path
+from typing import Any, Iterable
+
+from .tables import (DAGGER, DASH, OVERSUBSCRIBED_NOTE, Table, fmt_mib, fmt_num, fmt_x, headline,
+                     is_ok, is_oversubscribed, mode_of, mode_title, modes_of, num, row_sort_key,
+                     scaling_statement, sorted_rows, summary_table, text, verification_label,
+                     verification_table, with_scaling)
+
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
+REASON_MAX_CHARS = 1500
+PLOT_TITLES = {"throughput": "throughput vs devices", "scaling": "speedup and efficiency",
+               "memory": "peak memory per device"}
+
+
+def md_escape(value: Any) -> str:
+    """Text safe inside a markdown table cell or paragraph: one line, no raw HTML, no markup."""
+    s = str(value).replace("\r\n", "\n").replace("\r", "\n").replace("\n", " ")
+    s = html.escape(s, quote=False)  # & < >: a renderer would pass raw HTML through
+    return _MD_SPECIAL.sub(r"\\\1", s)
+
+
+def md_table(table: Table) -> list[str]:
+    lines = ["| " + " | ".join(md_escape(c) for c in table.columns) + " |",
+             "|" + "|".join("---:" if n else "---" for n in table.numeric) + "|"]
+    for cells in table.cells:
+        lines.append("| " + " | ".join(md_escape(c) for c in cells) + " |")
+    return lines
+
+
+def write_text(path: Path, content: str) -> Path:
+    """Write through a temporary file and rename: a reader never sees half a report."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(content, encoding="utf-8", newline="\n")
+    os.replace(tmp, path)
+    return path
+
+
+def plot_title(path: Path) -> str:
+    """'train_throughput.png' -> 'train: throughput vs devices' (plots.py names the files)."""
+    stem = Path(path).stem
+    mode, _, kind = stem.rpartition("_")
+    return f"{mode.removeprefix('compare_')}: {PLOT_TITLES.get(kind, kind)}" if mode else stem
+
+
+def plot_links(plots: Iterable[Path], base: Path) -> list[str]:
+    lines = []
+    for p in plots:
+        rel = Path(os.path.relpath(Path(p).resolve(), Path(base).resolve())).as_posix()
+        lines += [f"![{md_escape(plot_title(p))}]({urllib.parse.quote(rel)})", ""]
+    return lines
+
+
+def run_ids(rows: Iterable[dict[str, Any]]) -> str:
+    ids = sorted({str(r["run_id"]) for r in rows if r.get("run_id") is not None})
+    return ", ".join(ids) if ids else "(no run id)"
+
+
+def notes(rows: list[dict[str, Any]]) -> list[str]:
+    """The explanations every report carries (shared with the HTML)."""
+    over = sorted({text(r.get("config_id")) for r in rows if r.get("oversubscribed")})
+    warm = sorted({str(r["warmup_steps"]) for r in rows if r.get("warmup_steps") is not None})
+    timed = sorted({str(r["timed_steps"]) for r in rows if r.get("timed_steps") is not None})
+    peak_src = sorted({str(r["peak_flops_source"]) for r in rows if r.get("peak_flops_source")})
+    mem_src = sorted({str(r["mem_source"]) for r in rows if r.get("mem_source")})
+    out = [OVERSUBSCRIBED_NOTE + (f" Oversubscribed here: {', '.join(over)}." if over
+                                  else " No configuration of this sweep was oversubscribed.")]
+    out.append("Step time: wall clock of a whole training/inference step, the maximum over ranks; "
+               f"median and 90th percentile over {'/'.join(timed) or '?'} timed steps after "
+               f"{'/'.join(warm) or '?'} warm-up steps. samples/s uses the global batch.")
+    out.append("Speedup and efficiency compare each configuration's samples/s with the 1-device "
+               "'single' run of the same sweep and mode; the headline and the plots take the best "
+               "configuration of each strategy at each device count.")
+    out.append("MFU: model FLOPs per second achieved, divided by the peak FLOP/s of all devices "
+               f"used (peak source: {', '.join(peak_src) or DASH}).")
+    out.append("Memory: peak per device, the maximum over ranks "
+               f"(source: {', '.join(mem_src) or DASH}). 1 MiB = 2^20 bytes.")
+    out.append("Verification: losses and final weights of each configuration compared with the "
+               "1-device reference; 'max rel' is the largest relative difference of losses or "
+               "weights, checked against the tolerance.")
+    return out
+
+
+def write_markdown(rows: Iterable[dict[str, Any]], out_path: str | Path, *,
+                   plots: list[Path]) -> Path:
+    """The sweep's report.md: headline, scaling kind, summary, verification, failures, plots,
+    machine and versions, notes."""
+    rows = with_scaling(rows)
+    out_path = Path(out_path)
+    lines = [f"# parallab report: {md_escape(run_ids(rows))}", ""]
+    modes = modes_of(rows)
+    if not rows:
+        lines += ["No result rows: the sweep wrote nothing yet.", ""]
+        return write_text(out_path, "\n".join(lines))
+
+    lines += ["## Headline", ""]
+    lines += [f"- {md_escape(s)}" for s in headline(rows)]
+    lines.append("")
+    for mode in modes:
+        mrows = [r for r in rows if mode_of(r) == mode]
+        prefix = f"{mode_title(mode)}: " if len(modes) > 1 else ""
+        lines += [md_escape(prefix + scaling_statement(mrows)), ""]
+
+    table = summary_table(rows)
+    lines += ["## Summary", ""] + md_table(table) + [""]
+    if any(table.oversubscribed):
+        lines += [md_escape(OVERSUBSCRIBED_NOTE), ""]
+
+    lines += ["## Verification", ""] + md_table(verification_table(rows)) + [""]
+
+    lines += ["## Failures", ""]
+    fails = failures(rows)
+    if not fails:
+        lines.append("None: every configuration ran, and none failed verification.")
+    for f in fails:
+        reason = f["reason"]
+        if len(reason) > REASON_MAX_CHARS:
+            reason = reason[:REASON_MAX_CHARS] + " … (cut; the full reason is in results.jsonl)"
+        lines.append(f"- {md_escape(f['config_id'])} ({md_escape(f['mode'])}, "
+                     f"{md_escape(f['devices'])} devices): **{md_escape(f['status'])}**: "
+                     f"{md_escape(reason)}")
+    lines.append("")
+
+    lines += ["## Plots", ""]
+    lines += plot_links(plots, out_path.parent) if plots else ["No plots (nothing ran ok).", ""]
+
+    lines += ["## Machine and versions", "", "| key | value |", "|---|---|"]
+    lines += [f"| {k} | {md_escape(v)} |" for k, v in machine_info(rows)]
+    lines.append("")
+
+    lines += ["## Notes", ""] + [f"- {md_escape(n)}" for n in notes(rows)] + [""]
+    return write_text(out_path, "\n".join(lines))
+
+
+def failures(rows: Iterable[dict[str, Any]]) -> list[dict[str, str]]:
+    """Configurations that did not finish, or finished with a verification failure."""
+    out = []
+    for row in sorted_rows(rows):
+        if not is_ok(row):
+            out.append({"config_id": text(row.get("config_id")), "mode": mode_of(row),
+                        "devices": text(row.get("devices")), "status": text(row.get("status")),
+                        "reason": text(row.get("reason"))})
+        elif row.get("verify_status") == "fail":
+            out.append({"config_id": text(row.get("config_id")), "mode": mode_of(row),
+                        "devices": text(row.get("devices")), "status": "verification failed",
+                        "reason": verification_label(row)})
+    return out
+
+
+MACHINE_KEYS = ("hostname", "cpu_model", "cpu_cores", "device_type", "device_name", "backend",
+                "torch_version", "python_version", "parallab_version", "git_rev")
+
+
+def machine_info(rows: Iterable[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(key, value) per machine/version key; several distinct values are joined with ' / '."""
+    rows = list(rows)
+    out = []
+    for key in MACHINE_KEYS:
+        values = sorted({str(r[key]) for r in rows if r.get(key) is not None})
+        out.append((key, " / ".join(values) if values else DASH))
+    return out
+
+
+def compare_table(rows_a: Iterable[dict[str, Any]], rows_b: Iterable[dict[str, Any]],
+                  label_a: str, label_b: str) -> Table:
+    """Configurations matched by (mode, config_id): samples/s and peak memory of A and B and the
+    ratio B/A. A configuration present on one side only gets dashes on the other."""
+    a = {(mode_of(r), text(r.get("config_id"))): r for r in rows_a}
+    b = {(mode_of(r), text(r.get("config_id"))): r for r in rows_b}
+    keys = sorted(set(a) | set(b), key=lambda k: row_sort_key(a.get(k) or b[k]))
+    table = Table(columns=["config", "mode", "devices", f"samples/s {label_a}",
+                           f"samples/s {label_b}", "samples/s B/A",
+                           f"peak MiB {label_a}", f"peak MiB {label_b}", "peak mem B/A",
+                           f"status {label_a}", f"status {label_b}"],
+                  numeric=[False, False, True, True, True, True, True, True, True, False, False])
+    for key in keys:
+        ra, rb = a.get(key, {}), b.get(key, {})
+        ref = ra or rb
+
+        def ratio(k, ra=ra, rb=rb):
+            x, y = num(ra.get(k)), num(rb.get(k))
+            return None if x in (None, 0.0) or y is None else y / x
+        over = is_oversubscribed(ra) or is_oversubscribed(rb)
+        cid = key[1] + (f" {DAGGER}" if over else "")
+        sa, sb = ra.get("samples_per_s"), rb.get("samples_per_s")
+        ma, mb = ra.get("peak_mem_bytes"), rb.get("peak_mem_bytes")
+        table.cells.append([cid, key[0], text(ref.get("devices")), fmt_num(sa), fmt_num(sb),
+                            fmt_x(ratio("samples_per_s")), fmt_mib(ma), fmt_mib(mb),
+                            fmt_x(ratio("peak_mem_bytes")),
+                            text(ra.get("status")) if ra else "absent",
+                            text(rb.get("status")) if rb else "absent"])
+        table.values.append([key[1], key[0], num(ref.get("devices")), num(sa), num(sb),
+                             ratio("samples_per_s"), num(ma), num(mb), ratio("peak_mem_bytes"),
+                             text(ra.get("status")), text(rb.get("status"))])
+        table.oversubscribed.append(over)
+        table.failed.append(not (is_ok(ra) and is_ok(rb)))
+    return table
+
+
+def compare_summary(rows_a, rows_b, label_a: str, label_b: str) -> str:
+    """Geometric mean of the samples/s ratio B/A over configurations ok on both sides and not
+    oversubscribed on either."""
+    a = {(mode_of(r), text(r.get("config_id"))): r for r in rows_a}
+    ratios = []
+    for rb in rows_b:
+        ra = a.get((mode_of(rb), text(rb.get("config_id"))))
+        if ra and is_ok(ra) and is_ok(rb) and not (is_oversubscribed(ra) or is_oversubscribed(rb)):
+            x, y = num(ra.get("samples_per_s")), num(rb.get("samples_per_s"))
+            if x and y:
+                ratios.append(y / x)
+    if not ratios:
+        return f"No configuration ran ok, without oversubscription, in both {label_a} and {label_b}."
+    gmean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+    return (f"samples/s {label_b} / {label_a}: geometric mean {gmean:.2f}x over {len(ratios)} "
+            f"matched configuration(s) (range {min(ratios):.2f}x to {max(ratios):.2f}x). "
+            "Two separate runs: the ratios include machine noise.")
+
+
+def write_compare_markdown(rows_a: Iterable[dict[str, Any]], rows_b: Iterable[dict[str, Any]],
+                           label_a: str, label_b: str, out_dir: str | Path, *,
+                           plots: list[Path] | None = None) -> Path:
+    """compare.md in ``out_dir``: configurations matched by (mode, config_id), A, B and B/A for
+    samples/s and peak memory, and the overlaid throughput plot (made here if not given)."""
+    rows_a, rows_b = with_scaling(rows_a), with_scaling(rows_b)
+    out_dir = Path(out_dir)
+    if plots is None:
+        from .plots import write_compare_plot
+        plots = write_compare_plot(rows_a, rows_b, label_a, label_b, out_dir / "plots")
+    table = compare_table(rows_a, rows_b, label_a, label_b)
+    lines = [f"# parallab comparison: A = {md_escape(label_a)}, B = {md_escape(label_b)}", "",
+             md_escape(compare_summary(rows_a, rows_b, label_a, label_b)), "",
+             f"A: run {md_escape(run_ids(rows_a))}; B: run {md_escape(run_ids(rows_b))}. "
+             "Configurations are matched by (mode, config id); B/A above 1 means B has more "
+             "throughput or uses more memory.", ""]
+    lines += md_table(table) + [""]
+    if any(table.oversubscribed):
+        lines += [md_escape(OVERSUBSCRIBED_NOTE), ""]
+    lines += plot_links(plots, out_dir)
+    return write_text(out_dir / "compare.md", "\n".join(lines))
