@@ -128,15 +128,29 @@ BAD = [
 
 
 @pytest.mark.parametrize("args,needle", BAD, ids=[" ".join(a)[:60] for a, _ in BAD])
-def test_bad_input_is_one_line_exit_2_and_launches_nothing(tmp_path, args, needle):
+def test_bad_input_is_one_line_exit_2_and_launches_nothing(tmp_path, capsys, args, needle):
+    """In-process through the CLI's own main() (the same path as the console script, without
+    paying a Python start-up per case); the subprocess tests below cover the real entry point."""
+    from parallab.cli import main
+
     if "--runtime.out-dir" not in args and args[0] in ("train", "sweep"):
         args = args + ["--runtime.out-dir", str(tmp_path / "runs")]
-    proc = parallab(*args, timeout=60)
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
+    rc = main(list(args))
+    err = capsys.readouterr().err
+    assert rc == 2, (rc, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
     assert needle in lines[0], lines[0]
     assert not list((tmp_path / "runs").glob("*/logs")), "a process was launched"
+
+
+def test_bad_input_through_the_console_script(tmp_path):
+    proc = parallab("train", "--parallel.strategy", "ddp", "--parallel.devices", "3",
+                    "--runtime.out-dir", tmp_path, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "parallab train: error: global batch 16 is not divisible by data-parallel degree 3 x "
+        "micro-batches 1 = 3 (choose a global_batch that is a multiple of 3)"]
 
 
 def test_bad_toml_files(tmp_path):
@@ -148,3 +162,18 @@ def test_bad_toml_files(tmp_path):
     broken.write_text("[model\n")
     proc = parallab("sweep", "--config", broken)
     assert proc.returncode == 2 and "not valid TOML" in proc.stderr
+
+
+def test_a_failing_configuration_is_recorded_and_the_sweep_goes_on(tmp_path):
+    """A configuration that cannot finish (here: a 1-second limit) gets a row with its reason;
+    the next configuration still runs and the report is still written."""
+    proc = parallab("sweep", "--config", ROOT / "configs/debug.toml", "--runtime.out-dir", tmp_path,
+                    "--runtime.run-id", "fail", "--sweep.config-timeout-s", "1",
+                    "--sweep.strategies", "ddp", "--sweep.device-counts", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(l) for l in (tmp_path / "fail/results.jsonl").read_text().splitlines()]
+    assert [r["config_id"] for r in rows] == ["single-1", "ddp-2"]
+    for row in rows:
+        assert row["status"] == "timeout" and "no result within 1 s" in row["reason"]
+        assert set(ROW_KEYS) <= set(row)
+    assert "timeout" in (tmp_path / "fail/report.md").read_text()
