@@ -1,5 +1,5 @@
-"""The inference entry end to end on the debug model: cmd_infer_sweep (what `parallab infer`
-runs) launches one torchrun per configuration and writes complete rows; a budget below the
+"""Inference end to end on the debug model: the sweep's inference mode (what `parallab sweep
+--sweep.modes infer` runs) launches one torchrun per configuration and writes complete rows; a budget below the
 whole model's weights makes one device does_not_fit while 2 devices serve it, verified."""
 
 import json
@@ -7,9 +7,8 @@ import json
 import pytest
 
 from parallab.bench.result import ROW_KEYS
-from parallab.config import (InferSection, InferSweepArgs, ModelSection, RuntimeSection,
-                             SweepSection)
-from parallab.infer.commands import cmd_infer_sweep
+from parallab.cli import cmd_sweep
+from parallab.config import InferSection, ModelSection, RuntimeSection, SweepArgs, SweepSection
 from parallab.infer.settings import weight_bytes_per_device
 from parallab.models.registry import get_family
 
@@ -21,14 +20,14 @@ def rows(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("infer-cli")
     family = get_family("gpt")
     whole = weight_bytes_per_device(family, family.config("debug", {}), "single", 1, "float32")
-    args = InferSweepArgs(
+    args = SweepArgs(
         model=ModelSection(preset="debug"),
         infer=InferSection(batch_sizes=(1, 4), prompt_len=8, new_tokens=8, requests=2,
                            device_memory=str(int(whole * 0.75)), max_batch_search=64, seed=7),
         runtime=RuntimeSection(out_dir=str(tmp), run_id="e2e", collective_timeout_s=120),
-        sweep=SweepSection(strategies=("replicas", "pipeline", "tp"), device_counts=(1, 2),
-                           config_timeout_s=300))
-    assert cmd_infer_sweep(args) == 0
+        sweep=SweepSection(modes=("infer",), infer_strategies=("replicas", "pipeline", "tp"),
+                           device_counts=(1, 2), config_timeout_s=300))
+    assert cmd_sweep(args) == 0
     folder = tmp / "e2e"
     assert (folder / "report.md").exists()
     lines = (folder / "results.jsonl").read_text().splitlines()
@@ -46,16 +45,24 @@ def test_one_device_does_not_fit_two_devices_serve(rows):
     by = {}
     for r in rows:
         by.setdefault(r["config_id"], []).append(r)
-    assert set(by) == {"infer-single-1", "infer-replicas-2", "infer-pipeline-m4-2", "infer-tp-2"}
+    assert set(by) == {"infer-single-1", "infer-replicas-2", "infer-pipeline-m8-2", "infer-tp-2"}
     for cid in ("infer-single-1", "infer-replicas-2"):  # the whole model on every device
         for r in by[cid]:
             assert r["status"] == "does_not_fit" and "weights need" in r["reason"], r["reason"]
             assert r["max_batch_fit"] == 0
-    for cid in ("infer-pipeline-m4-2", "infer-tp-2"):
+    for cid in ("infer-pipeline-m8-2", "infer-tp-2"):
+        # Served: each row measured where its batch fits the budget, does_not_fit where not,
+        # consistently with the searched largest batch.
+        assert {r["status"] for r in by[cid] if r["batch_size"] == 1} == {"ok"}
+        assert {r["status"] for r in by[cid] if r["workload"] == "generate"} == {"ok"}
         for r in by[cid]:
-            assert r["status"] == "ok", r["reason"]
-            assert r["max_batch_fit"] >= 4 and r["fits_budget"] is True
-            assert r["peak_mem_bytes"] <= r["device_memory_budget_bytes"]
+            fits = r["peak_mem_bytes"] <= r["device_memory_budget_bytes"]
+            assert r["fits_budget"] is fits and (r["batch_size"] <= r["max_batch_fit"]) is fits
+            if fits:
+                assert r["status"] == "ok" and r["samples_per_s"] > 0, r["reason"]
+            else:
+                assert r["status"] == "does_not_fit" and f"batch {r['batch_size']} needs" in r["reason"]
+            assert r["max_batch_fit_bound"] == "exact"
             assert r["verify_status"] == "pass"
             assert r["verify_max_logits_rel"] <= 1e-5 and r["verify_token_mismatches"] == 0
     # The reference is saved even where one device cannot serve within the budget.

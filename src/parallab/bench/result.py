@@ -36,12 +36,25 @@ ROW_KEYS: tuple[str, ...] = (
     "peak_mem_bytes", "peak_mem_per_rank", "mem_params_bytes", "mem_grads_bytes",
     "mem_optim_bytes", "mem_activations_bytes", "mem_source", "cuda_reserved_bytes",
     "device_memory_budget_bytes", "fits_budget",
+    # the plan's prediction for this configuration and its error, pred / measured - 1
+    # (plan/predict.py: predict_for_row)
+    "pred_step_time_s", "pred_peak_mem_bytes", "pred_step_time_err", "pred_peak_mem_err",
+    # inference (mode "infer"): one row per workload and batch size; latency per batch or request
+    "workload", "batch_size", "prompt_len", "new_tokens", "ttft_s", "tpot_s",
+    "latency_p50_s", "latency_p90_s", "latency_p99_s", "output_tokens_per_s",
+    "max_batch_fit", "max_batch_fit_bound",
+    "verify_max_logits_rel", "verify_token_mismatches",
     # correctness
     "loss_first", "loss_last", "losses",
     "verify_status", "verify_max_loss_rel", "verify_max_weight_rel", "verify_tolerance",
+    # reliability: the step a resumed run started at, torchrun restarts, newest checkpoint
+    "resumed_from_step", "restarts", "last_checkpoint",
     # machine and versions
     "backend", "device_type", "device_name", "hostname", "cpu_model", "cpu_cores",
     "torch_version", "python_version", "parallab_version", "git_rev",
+    # several nodes: each node's host (node order), the node of rank 0, GPU memory and links
+    # within a node, the interface inter-node traffic takes (runtime/device.machine_info)
+    "hosts", "node_rank", "devices_per_node", "gpu_memory_gib", "gpu_topology", "network_interface",
     "wall_s",
 )
 
@@ -94,6 +107,18 @@ def baseline_of(rows: Iterable[dict[str, Any]], mode: str = "train") -> dict[str
                 and row.get("devices") == 1 and row.get("status") == "ok":
             return row
     return None
+
+
+def scaling_key(row: dict[str, Any]) -> tuple:
+    """Rows comparable for speedup: the same mode, workload and batch size."""
+    return row.get("mode"), row.get("workload"), row.get("batch_size")
+
+
+def add_scaling_rows(rows: list[dict[str, Any]], baseline_rows: list[dict[str, Any]]) -> None:
+    """Speedup and efficiency of each row against the baseline row of the same key."""
+    ref = {scaling_key(r): r for r in baseline_rows if r.get("status") == "ok"}
+    for row in rows:
+        add_scaling(row, ref.get(scaling_key(row)))
 
 
 def add_scaling(row: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, Any]:
