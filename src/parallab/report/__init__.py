@@ -2,6 +2,8 @@
 
 Reads result rows only (``bench/result.py``); no torch import, so a report can be rebuilt on any
 machine from a copied run directory. The same results.jsonl always gives the same report.md.
+Training rows and inference rows (mode "infer", one per workload and batch size) get their own
+tables, headline sentences and plots (inference: ``infer.py``, ``infer_plots.py``).
 """
 
 from __future__ import annotations
@@ -10,14 +12,16 @@ from pathlib import Path
 
 from parallab.bench.result import read_rows
 
+from .console import print_summary
 from .html import write_compare_html, write_html
+from .infer import infer_table
 from .markdown import write_compare_markdown, write_markdown
 from .plots import write_compare_plot, write_plots
-from .tables import headline, print_summary, summary_table, with_scaling
+from .tables import headline, summary_table, with_scaling
 
-__all__ = ["build_reports", "compare_runs", "headline", "print_summary", "summary_table",
-           "write_compare_html", "write_compare_markdown", "write_html", "write_markdown",
-           "write_plots"]
+__all__ = ["build_reports", "compare_runs", "headline", "infer_table", "print_summary",
+           "summary_table", "write_compare_html", "write_compare_markdown", "write_html",
+           "write_markdown", "write_plots"]
 
 
 def _rows(run_dir: Path) -> list[dict]:

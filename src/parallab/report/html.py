@@ -16,11 +16,11 @@ from typing import Any, Iterable
 
 from parallab.bench.result import ROW_KEYS
 
-from .markdown import (compare_summary, compare_table, failures, machine_info, notes, plot_title,
-                       run_ids, write_text)
-from .tables import (DASH, OVERSUBSCRIBED_NOTE, Table,
-                     fixed_description, headline, mode_of, mode_title, modes_of,
-                     scaling_statement, summary_table, text, verification_table, with_scaling)
+from .infer import infer_description, infer_table, is_infer, point_label
+from .markdown import (MATCH_NOTE, compare_summary, compare_table, failures, machine_info, notes,
+                       plot_groups, plot_title, run_ids, statements, write_text)
+from .tables import (DASH, OVERSUBSCRIBED_NOTE, Table, fixed_description, headline, mode_of,
+                     modes_of, summary_table, text, verification_table, with_scaling)
 
 CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
        "script-src 'unsafe-inline'; base-uri 'none'; form-action 'none'")
@@ -32,7 +32,9 @@ body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
   margin: 0 auto; max-width: 1280px; padding: 0 14px 48px; }
 h1 { font-size: 1.5em; margin: 0.8em 0 0.3em; overflow-wrap: anywhere; }
 h2 { font-size: 1.2em; margin-top: 1.8em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
-nav a { margin-right: 0.9em; white-space: nowrap; }
+h3 { font-size: 1.05em; margin: 1.2em 0 0.4em; }
+nav { display: flex; flex-wrap: wrap; gap: 0.2em 0.9em; }
+nav a { white-space: nowrap; }
 .headline li { margin: 0.25em 0; }
 .muted, .note { color: #555; font-size: 0.92em; }
 .table-wrap { overflow-x: auto; -webkit-overflow-scrolling: touch; max-width: 100%; }
@@ -55,7 +57,13 @@ summary { cursor: pointer; overflow-wrap: anywhere; }
 table.kv td:first-child { font-family: ui-monospace, Menlo, Consolas, monospace; white-space: nowrap; }
 table.kv td { overflow-wrap: anywhere; max-width: 60em; }
 pre { white-space: pre-wrap; overflow-wrap: anywhere; background: #f6f6f6; padding: 0.5em; }
-@media (max-width: 600px) { body { font-size: 14px; padding: 0 8px 32px; } table { font-size: 0.82em; } }
+@media (max-width: 600px) {
+  body { font-size: 14px; padding: 0 8px 32px; }
+  table { font-size: 0.82em; }
+  /* plots keep a legible size on a phone and scroll sideways instead of shrinking */
+  figure { overflow-x: auto; -webkit-overflow-scrolling: touch; }
+  figure img { max-width: none; width: 640px; }
+}
 @media print {
   body { max-width: none; font-size: 10pt; }
   nav, .hint { display: none; }
@@ -63,7 +71,8 @@ pre { white-space: pre-wrap; overflow-wrap: anywhere; background: #f6f6f6; paddi
   table { font-size: 8pt; }
   table.sortable th::after { content: ""; }
   figure, tr, details { break-inside: avoid; }
-  h2 { break-after: avoid; }
+  figure img { max-width: 100%; width: auto; }
+  h2, h3 { break-after: avoid; }
   a { color: inherit; text-decoration: none; }
 }
 """
@@ -161,13 +170,15 @@ def _value_text(value: Any) -> str:
 
 
 def config_details(rows: list[dict[str, Any]]) -> list[str]:
-    """One collapsible block per configuration listing every key of its row."""
+    """One collapsible block per row (inference: per configuration, workload and batch size)
+    listing every key of the row."""
     out = []
     for row in rows:
         keys = [k for k in ROW_KEYS if k in row] + sorted(k for k in row if k not in ROW_KEYS)
         kv = "".join(f"<tr><td>{esc(k)}</td><td>{esc(_value_text(row[k]))}</td></tr>" for k in keys)
+        point = f", {point_label(row)}" if is_infer(row) and row.get("workload") is not None else ""
         label = (f"{text(row.get('config_id'))}: {mode_of(row)}, {text(row.get('strategy'))}, "
-                 f"{text(row.get('devices'))} devices, {text(row.get('status'))}")
+                 f"{text(row.get('devices'))} devices{point}, {text(row.get('status'))}")
         out.append(f"<details><summary>{esc(label)}</summary>"
                    f'<div class="table-wrap"><table class="kv"><tbody>{kv}</tbody></table></div>'
                    "</details>")
@@ -178,13 +189,17 @@ def write_html(rows: Iterable[dict[str, Any]], out_path: str | Path, *, plots: l
     """The sweep's single-file report.html."""
     rows = with_scaling(rows)
     modes = modes_of(rows)
+    train = [r for r in rows if not is_infer(r)]
     title = f"parallab report: {run_ids(rows)}"
     body = [f"<header><h1>{esc(title)}</h1>"]
     if rows:
-        body.append('<p class="muted">' + "<br>".join(esc(fixed_description(rows, m)) for m in modes)
-                    + "</p>")
+        body.append('<p class="muted">' + "<br>".join(
+            esc(infer_description(rows) if m == "infer" else fixed_description(rows, m))
+            for m in modes) + "</p>")
     body.append('<nav><a href="#headline">Headline</a><a href="#plots">Plots</a>'
-                '<a href="#results">Results</a><a href="#verification">Verification</a>'
+                + ('<a href="#results">Results</a>' if train else "")
+                + ('<a href="#inference">Inference</a>' if len(train) < len(rows) else "")
+                + '<a href="#verification">Verification</a>'
                 '<a href="#failures">Failures</a><a href="#machine">Machine</a>'
                 '<a href="#configs">Configurations</a><a href="#notes">Notes</a></nav></header>')
     if not rows:
@@ -194,22 +209,33 @@ def write_html(rows: Iterable[dict[str, Any]], out_path: str | Path, *, plots: l
     body += ['<section id="headline"><h2>Headline</h2><ul class="headline">']
     body += [f"<li>{esc(s)}</li>" for s in headline(rows)]
     body.append("</ul>")
-    for mode in modes:
-        prefix = f"{mode_title(mode)}: " if len(modes) > 1 else ""
-        body.append(f"<p>{esc(prefix + scaling_statement([r for r in rows if mode_of(r) == mode]))}</p>")
+    body += [f"<p>{esc(s)}</p>" for s in statements(rows)]
     body.append("</section>")
 
     body.append('<section id="plots"><h2>Plots</h2>')
-    body += [figure_html(p) for p in plots] or ["<p>No plots (nothing ran ok).</p>"]
+    for group, paths in plot_groups(plots):
+        body += ([f"<h3>{esc(group)}</h3>"] if group else []) + [figure_html(p) for p in paths]
+    if not plots:
+        body.append("<p>No plots (nothing ran ok).</p>")
     body.append("</section>")
 
-    table = summary_table(rows, full=True)
-    body += ['<section id="results"><h2>All results</h2>',
-             '<p class="hint muted">Click a column header to sort; empty values sort last.</p>',
-             table_html(table, sortable=True)]
-    if any(table.oversubscribed):
-        body.append(f'<p class="note">{esc(OVERSUBSCRIBED_NOTE)}</p>')
-    body.append("</section>")
+    hint = '<p class="hint muted">Click a column header to sort; empty values sort last.</p>'
+    if train:
+        table = summary_table(train, full=True)
+        body += ['<section id="results"><h2>All results</h2>', hint,
+                 table_html(table, sortable=True)]
+        if any(table.oversubscribed):
+            body.append(f'<p class="note">{esc(OVERSUBSCRIBED_NOTE)}</p>')
+        body.append("</section>")
+    if len(train) < len(rows):
+        table = infer_table(rows, full=True)
+        body += ['<section id="inference"><h2>Inference</h2>',
+                 '<p class="muted">One row per configuration, workload and batch size; speedup '
+                 "against the 1-device row of the same workload and batch.</p>",
+                 hint, table_html(table, sortable=True)]
+        if any(table.oversubscribed):
+            body.append(f'<p class="note">{esc(OVERSUBSCRIBED_NOTE)}</p>')
+        body.append("</section>")
 
     body += ['<section id="verification"><h2>Verification</h2>',
              table_html(verification_table(rows), sortable=True), "</section>"]
@@ -219,7 +245,7 @@ def write_html(rows: Iterable[dict[str, Any]], out_path: str | Path, *, plots: l
     if not fails:
         body.append("<p>None: every configuration ran, and none failed verification.</p>")
     for f in fails:
-        body.append(f"<p><strong>{esc(f['config_id'])}</strong> ({esc(f['mode'])}, "
+        body.append(f"<p><strong>{esc(f['label'])}</strong> ({esc(f['mode'])}, "
                     f"{esc(f['devices'])} devices): <span class=\"fail\">{esc(f['status'])}</span></p>"
                     f"<pre>{esc(f['reason'])}</pre>")
     body.append("</section>")
@@ -240,7 +266,7 @@ def write_html(rows: Iterable[dict[str, Any]], out_path: str | Path, *, plots: l
 def write_compare_html(rows_a: Iterable[dict[str, Any]], rows_b: Iterable[dict[str, Any]],
                        label_a: str, label_b: str, out_dir: str | Path, *,
                        plots: list[Path] | None = None) -> Path:
-    """compare.html in ``out_dir``: configurations matched by (mode, config_id), A, B and B/A for
+    """compare.html in ``out_dir``: rows matched by ``markdown.match_key``, A, B and B/A for
     samples/s and peak memory, and the overlaid throughput plot (made here if not given)."""
     rows_a, rows_b = with_scaling(rows_a), with_scaling(rows_b)
     out_dir = Path(out_dir)
@@ -252,8 +278,7 @@ def write_compare_html(rows_a: Iterable[dict[str, Any]], rows_b: Iterable[dict[s
     body = [f"<h1>{esc(title)}</h1>",
             f"<p>{esc(compare_summary(rows_a, rows_b, label_a, label_b))}</p>",
             f'<p class="muted">A: run {esc(run_ids(rows_a))}; B: run {esc(run_ids(rows_b))}. '
-            "Configurations are matched by (mode, config id); B/A above 1 means B has more "
-            "throughput or uses more memory.</p>",
+            f"{esc(MATCH_NOTE)}</p>",
             '<p class="hint muted">Click a column header to sort.</p>',
             table_html(table, sortable=True)]
     if any(table.oversubscribed):

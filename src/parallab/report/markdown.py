@@ -7,7 +7,6 @@ must not break a table, and ``<script>`` must show as text in a renderer that al
 
 from __future__ import annotations
 
-import html
 import math
 import os
 import re
@@ -15,6 +14,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Iterable
 
+from .infer import INFER_NOTES, infer_statement, infer_table, is_infer
 from .tables import (DAGGER, DASH, OVERSUBSCRIBED_NOTE, Table, fmt_mib, fmt_num, fmt_x, headline,
                      is_ok, is_oversubscribed, mode_of, mode_title, modes_of, num, row_sort_key,
                      scaling_statement, sorted_rows, summary_table, text, verification_label,
@@ -23,13 +23,16 @@ from .tables import (DAGGER, DASH, OVERSUBSCRIBED_NOTE, Table, fmt_mib, fmt_num,
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
 REASON_MAX_CHARS = 1500
 PLOT_TITLES = {"throughput": "throughput vs devices", "scaling": "speedup and efficiency",
-               "memory": "peak memory per device"}
+               "memory": "peak memory per device",
+               "batch-throughput": "forward throughput vs batch size",
+               "generate-latency": "generation latency and tokens/s vs devices",
+               "max-batch": "largest batch within the memory budget"}
 
 
 def md_escape(value: Any) -> str:
     """Text safe inside a markdown table cell or paragraph: one line, no raw HTML, no markup."""
     s = str(value).replace("\r\n", "\n").replace("\r", "\n").replace("\n", " ")
-    s = html.escape(s, quote=False)  # & < >: a renderer would pass raw HTML through
+    s = s.replace("&", "&amp;").replace("<", "&lt;")  # no raw HTML tag or entity gets through
     return _MD_SPECIAL.sub(r"\\\1", s)
 
 
@@ -66,6 +69,17 @@ def plot_links(plots: Iterable[Path], base: Path) -> list[str]:
     return lines
 
 
+def plot_groups(plots: Iterable[Path]) -> list[tuple[str | None, list[Path]]]:
+    """Plots grouped by mode (the file name's prefix), in the given order: [(title, paths)];
+    one group without a title where all plots are of one mode."""
+    groups: dict[str, list[Path]] = {}
+    for p in plots:
+        groups.setdefault(Path(p).stem.removeprefix("compare_").rpartition("_")[0], []).append(Path(p))
+    if len(groups) <= 1:
+        return [(None, paths) for paths in groups.values()]
+    return [(mode_title(mode), paths) for mode, paths in groups.items()]
+
+
 def run_ids(rows: Iterable[dict[str, Any]]) -> str:
     ids = sorted({str(r["run_id"]) for r in rows if r.get("run_id") is not None})
     return ", ".join(ids) if ids else "(no run id)"
@@ -93,17 +107,33 @@ def notes(rows: list[dict[str, Any]]) -> list[str]:
     out.append("Verification: losses and final weights of each configuration compared with the "
                "1-device reference; 'max rel' is the largest relative difference of losses or "
                "weights, checked against the tolerance.")
+    if any(is_infer(r) for r in rows):
+        out += INFER_NOTES
+    return out
+
+
+def statements(rows: list[dict[str, Any]]) -> list[str]:
+    """The paragraph under the headline per mode: how speedups were computed (shared with the
+    HTML)."""
+    modes = modes_of(rows)
+    out = []
+    for mode in modes:
+        mrows = [r for r in rows if mode_of(r) == mode]
+        if mode == "infer":
+            out.append(infer_statement(mrows))
+            continue
+        prefix = f"{mode_title(mode)}: " if len(modes) > 1 else ""
+        out.append(prefix + scaling_statement(mrows))
     return out
 
 
 def write_markdown(rows: Iterable[dict[str, Any]], out_path: str | Path, *,
                    plots: list[Path]) -> Path:
-    """The sweep's report.md: headline, scaling kind, summary, verification, failures, plots,
-    machine and versions, notes."""
+    """The sweep's report.md: headline, scaling kind, summary (training), inference, verification,
+    failures, plots, machine and versions, notes."""
     rows = with_scaling(rows)
     out_path = Path(out_path)
     lines = [f"# parallab report: {md_escape(run_ids(rows))}", ""]
-    modes = modes_of(rows)
     if not rows:
         lines += ["No result rows: the sweep wrote nothing yet.", ""]
         return write_text(out_path, "\n".join(lines))
@@ -111,14 +141,22 @@ def write_markdown(rows: Iterable[dict[str, Any]], out_path: str | Path, *,
     lines += ["## Headline", ""]
     lines += [f"- {md_escape(s)}" for s in headline(rows)]
     lines.append("")
-    for mode in modes:
-        mrows = [r for r in rows if mode_of(r) == mode]
-        prefix = f"{mode_title(mode)}: " if len(modes) > 1 else ""
-        lines += [md_escape(prefix + scaling_statement(mrows)), ""]
+    for statement in statements(rows):
+        lines += [md_escape(statement), ""]
 
-    table = summary_table(rows)
-    lines += ["## Summary", ""] + md_table(table) + [""]
-    if any(table.oversubscribed):
+    train = [r for r in rows if not is_infer(r)]
+    over = False
+    if train:
+        table = summary_table(train)
+        lines += ["## Summary", ""] + md_table(table) + [""]
+        over |= any(table.oversubscribed)
+    if len(train) < len(rows):
+        table = infer_table(rows)
+        lines += ["## Inference", "", "One row per configuration, workload and batch size; "
+                  "speedup against the 1-device row of the same workload and batch.", ""]
+        lines += md_table(table) + [""]
+        over |= any(table.oversubscribed)
+    if over:
         lines += [md_escape(OVERSUBSCRIBED_NOTE), ""]
 
     lines += ["## Verification", ""] + md_table(verification_table(rows)) + [""]
@@ -131,13 +169,16 @@ def write_markdown(rows: Iterable[dict[str, Any]], out_path: str | Path, *,
         reason = f["reason"]
         if len(reason) > REASON_MAX_CHARS:
             reason = reason[:REASON_MAX_CHARS] + " … (cut; the full reason is in results.jsonl)"
-        lines.append(f"- {md_escape(f['config_id'])} ({md_escape(f['mode'])}, "
+        lines.append(f"- {md_escape(f['label'])} ({md_escape(f['mode'])}, "
                      f"{md_escape(f['devices'])} devices): **{md_escape(f['status'])}**: "
                      f"{md_escape(reason)}")
     lines.append("")
 
     lines += ["## Plots", ""]
-    lines += plot_links(plots, out_path.parent) if plots else ["No plots (nothing ran ok).", ""]
+    for title, paths in plot_groups(plots):
+        lines += ([f"### {md_escape(title)}", ""] if title else []) + plot_links(paths, out_path.parent)
+    if not plots:
+        lines += ["No plots (nothing ran ok).", ""]
 
     lines += ["## Machine and versions", "", "| key | value |", "|---|---|"]
     lines += [f"| {k} | {md_escape(v)} |" for k, v in machine_info(rows)]
@@ -148,21 +189,25 @@ def write_markdown(rows: Iterable[dict[str, Any]], out_path: str | Path, *,
 
 
 def failures(rows: Iterable[dict[str, Any]]) -> list[dict[str, str]]:
-    """Configurations that did not finish, or finished with a verification failure."""
-    out = []
+    """Configurations that did not finish, or finished with a verification failure. 'label'
+    names the inference workload and batch size too; a verification failure of an inference
+    configuration is listed once, not once per workload point."""
+    out, seen = [], set()
     for row in sorted_rows(rows):
+        base = {"config_id": text(row.get("config_id")), "mode": mode_of(row),
+                "devices": text(row.get("devices"))}
         if not is_ok(row):
-            out.append({"config_id": text(row.get("config_id")), "mode": mode_of(row),
-                        "devices": text(row.get("devices")), "status": text(row.get("status")),
-                        "reason": text(row.get("reason"))})
-        elif row.get("verify_status") == "fail":
-            out.append({"config_id": text(row.get("config_id")), "mode": mode_of(row),
-                        "devices": text(row.get("devices")), "status": "verification failed",
-                        "reason": verification_label(row)})
+            out.append(base | {"label": match_label(row), "status": text(row.get("status")),
+                               "reason": text(row.get("reason"))})
+        elif row.get("verify_status") == "fail" and (base["mode"], base["config_id"]) not in seen:
+            seen.add((base["mode"], base["config_id"]))
+            out.append(base | {"label": base["config_id"], "status": "verification failed",
+                               "reason": verification_label(row)})
     return out
 
 
-MACHINE_KEYS = ("hostname", "cpu_model", "cpu_cores", "device_type", "device_name", "backend",
+MACHINE_KEYS = ("hostname", "hosts", "devices_per_node", "cpu_model", "cpu_cores", "device_type",
+                "device_name", "gpu_memory_gib", "gpu_topology", "network_interface", "backend",
                 "torch_version", "python_version", "parallab_version", "git_rev")
 
 
@@ -171,18 +216,37 @@ def machine_info(rows: Iterable[dict[str, Any]]) -> list[tuple[str, str]]:
     rows = list(rows)
     out = []
     for key in MACHINE_KEYS:
-        values = sorted({str(r[key]) for r in rows if r.get(key) is not None})
+        # hosts (one per node) as "a, b": a sweep over nodes shows "a / a, b" (one node, two).
+        values = sorted({", ".join(map(str, r[key])) if isinstance(r[key], list) else str(r[key])
+                         for r in rows if r.get(key) is not None})
         out.append((key, " / ".join(values) if values else DASH))
     return out
 
 
+MATCH_NOTE = ("Configurations are matched by (mode, config id), inference rows also by workload "
+              "and batch size; B/A above 1 means B has more throughput or uses more memory.")
+
+
+def match_key(row: dict[str, Any]) -> tuple[str, str, str, str]:
+    """How two sweeps' rows are paired: (mode, config_id), plus the inference workload and batch
+    size where a row has them (an inference sweep writes one row per workload and batch size)."""
+    return (mode_of(row), text(row.get("config_id")), text(row.get("workload")),
+            text(row.get("batch_size")))
+
+
+def match_label(row: dict[str, Any]) -> str:
+    extra = [str(row[k]) if k == "workload" else f"batch {row[k]}"
+             for k in ("workload", "batch_size") if row.get(k) is not None]
+    return text(row.get("config_id")) + (f" ({', '.join(extra)})" if extra else "")
+
+
 def compare_table(rows_a: Iterable[dict[str, Any]], rows_b: Iterable[dict[str, Any]],
                   label_a: str, label_b: str) -> Table:
-    """Configurations matched by (mode, config_id): samples/s and peak memory of A and B and the
+    """Configurations matched by ``match_key``: samples/s and peak memory of A and B and the
     ratio B/A. A configuration present on one side only gets dashes on the other."""
-    a = {(mode_of(r), text(r.get("config_id"))): r for r in rows_a}
-    b = {(mode_of(r), text(r.get("config_id"))): r for r in rows_b}
-    keys = sorted(set(a) | set(b), key=lambda k: row_sort_key(a.get(k) or b[k]))
+    a = {match_key(r): r for r in rows_a}
+    b = {match_key(r): r for r in rows_b}
+    keys = sorted(set(a) | set(b), key=lambda k: (row_sort_key(a.get(k) or b[k]), k))
     table = Table(columns=["config", "mode", "devices", f"samples/s {label_a}",
                            f"samples/s {label_b}", "samples/s B/A",
                            f"peak MiB {label_a}", f"peak MiB {label_b}", "peak mem B/A",
@@ -196,7 +260,7 @@ def compare_table(rows_a: Iterable[dict[str, Any]], rows_b: Iterable[dict[str, A
             x, y = num(ra.get(k)), num(rb.get(k))
             return None if x in (None, 0.0) or y is None else y / x
         over = is_oversubscribed(ra) or is_oversubscribed(rb)
-        cid = key[1] + (f" {DAGGER}" if over else "")
+        cid = match_label(ref) + (f" {DAGGER}" if over else "")
         sa, sb = ra.get("samples_per_s"), rb.get("samples_per_s")
         ma, mb = ra.get("peak_mem_bytes"), rb.get("peak_mem_bytes")
         table.cells.append([cid, key[0], text(ref.get("devices")), fmt_num(sa), fmt_num(sb),
@@ -204,7 +268,7 @@ def compare_table(rows_a: Iterable[dict[str, Any]], rows_b: Iterable[dict[str, A
                             fmt_x(ratio("peak_mem_bytes")),
                             text(ra.get("status")) if ra else "absent",
                             text(rb.get("status")) if rb else "absent"])
-        table.values.append([key[1], key[0], num(ref.get("devices")), num(sa), num(sb),
+        table.values.append([match_label(ref), key[0], num(ref.get("devices")), num(sa), num(sb),
                              ratio("samples_per_s"), num(ma), num(mb), ratio("peak_mem_bytes"),
                              text(ra.get("status")), text(rb.get("status"))])
         table.oversubscribed.append(over)
@@ -213,28 +277,40 @@ def compare_table(rows_a: Iterable[dict[str, Any]], rows_b: Iterable[dict[str, A
 
 
 def compare_summary(rows_a, rows_b, label_a: str, label_b: str) -> str:
-    """Geometric mean of the samples/s ratio B/A over configurations ok on both sides and not
-    oversubscribed on either."""
-    a = {(mode_of(r), text(r.get("config_id"))): r for r in rows_a}
-    ratios = []
-    for rb in rows_b:
-        ra = a.get((mode_of(rb), text(rb.get("config_id"))))
-        if ra and is_ok(ra) and is_ok(rb) and not (is_oversubscribed(ra) or is_oversubscribed(rb)):
-            x, y = num(ra.get("samples_per_s")), num(rb.get("samples_per_s"))
-            if x and y:
-                ratios.append(y / x)
-    if not ratios:
+    """Geometric mean of the samples/s ratio B/A over rows matched by ``match_key``, ok on both
+    sides and not oversubscribed on either; one per mode where the sweeps have several."""
+    rows_a, rows_b = list(rows_a), list(rows_b)
+    a = {match_key(r): r for r in rows_a}
+    modes = modes_of(rows_a + rows_b)
+    parts = []
+    for mode in modes:
+        ratios = []
+        for rb in rows_b:
+            ra = a.get(match_key(rb))
+            if mode_of(rb) == mode and ra and is_ok(ra) and is_ok(rb) \
+                    and not (is_oversubscribed(ra) or is_oversubscribed(rb)):
+                x, y = num(ra.get("samples_per_s")), num(rb.get("samples_per_s"))
+                if x and y:
+                    ratios.append(y / x)
+        prefix = f"{mode_title(mode)}: " if len(modes) > 1 else ""
+        if not ratios:
+            parts.append(f"{prefix}no configuration ran ok, without oversubscription, in both "
+                         f"{label_a} and {label_b}.")
+            continue
+        gmean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+        what = "matched configuration(s)" if mode != "infer" else \
+            "matched (configuration, workload, batch) point(s)"
+        parts.append(f"{prefix}samples/s {label_b} / {label_a}: geometric mean {gmean:.2f}x over "
+                     f"{len(ratios)} {what} (range {min(ratios):.2f}x to {max(ratios):.2f}x).")
+    if not any("geometric" in part for part in parts):
         return f"No configuration ran ok, without oversubscription, in both {label_a} and {label_b}."
-    gmean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
-    return (f"samples/s {label_b} / {label_a}: geometric mean {gmean:.2f}x over {len(ratios)} "
-            f"matched configuration(s) (range {min(ratios):.2f}x to {max(ratios):.2f}x). "
-            "Two separate runs: the ratios include machine noise.")
+    return " ".join(parts) + " Two separate runs: the ratios include machine noise."
 
 
 def write_compare_markdown(rows_a: Iterable[dict[str, Any]], rows_b: Iterable[dict[str, Any]],
                            label_a: str, label_b: str, out_dir: str | Path, *,
                            plots: list[Path] | None = None) -> Path:
-    """compare.md in ``out_dir``: configurations matched by (mode, config_id), A, B and B/A for
+    """compare.md in ``out_dir``: rows matched by ``match_key``, A, B and B/A for
     samples/s and peak memory, and the overlaid throughput plot (made here if not given)."""
     rows_a, rows_b = with_scaling(rows_a), with_scaling(rows_b)
     out_dir = Path(out_dir)
@@ -245,8 +321,7 @@ def write_compare_markdown(rows_a: Iterable[dict[str, Any]], rows_b: Iterable[di
     lines = [f"# parallab comparison: A = {md_escape(label_a)}, B = {md_escape(label_b)}", "",
              md_escape(compare_summary(rows_a, rows_b, label_a, label_b)), "",
              f"A: run {md_escape(run_ids(rows_a))}; B: run {md_escape(run_ids(rows_b))}. "
-             "Configurations are matched by (mode, config id); B/A above 1 means B has more "
-             "throughput or uses more memory.", ""]
+             f"{MATCH_NOTE}", ""]
     lines += md_table(table) + [""]
     if any(table.oversubscribed):
         lines += [md_escape(OVERSUBSCRIBED_NOTE), ""]

@@ -1,10 +1,11 @@
 """Result rows -> PNG plots (matplotlib, Agg canvas; no pyplot, so no global backend switch and
 no window ever opens).
 
-One set of plots per mode (train, infer, or any other mode string found): throughput against
-devices with the ideal line, speedup and efficiency, and memory per device. Each strategy is drawn
-at its best configuration per device count (the same choice as the headline). Oversubscribed
-points are hollow and say so in the legend. Failed rows (no metrics) are simply not drawn.
+One set of plots per mode (train, or any other mode string found): throughput against devices
+with the ideal line, speedup and efficiency, and memory per device. Each strategy is drawn at its
+best configuration per device count (the same choice as the headline). Oversubscribed points are
+hollow and say so in the legend. Failed rows (no metrics) are simply not drawn. Inference rows
+(one per workload and batch size) get their own plots: ``infer_plots.py``.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from matplotlib.ticker import FixedLocator, NullLocator
 
 from parallab.bench.result import baseline_of
 
+from .infer import infer_description, is_infer
 from .tables import (DAGGER, MIB, best_per_strategy, fixed_description, is_ok, is_oversubscribed,
                      mode_of, modes_of, num, strategy_label, text, with_scaling)
 
 DPI = 110
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
             "#17becf", "#bcbd22", "#7f7f7f")
-_LABEL_ORDER = ("single", "ddp", "fsdp", "pipeline", "naive split", "tp")
+_LABEL_ORDER = ("single", "ddp", "replicas", "fsdp", "pipeline", "naive split", "tp")
 _OVER_NOTE = f"hollow, faded / {DAGGER}:\noversubscribed (not a claim)"
 MEM_PARTS = (("parameters", "mem_params_bytes", "#4c72b0"), ("gradients", "mem_grads_bytes", "#dd8452"),
              ("optimizer state", "mem_optim_bytes", "#55a868"),
@@ -248,16 +250,22 @@ def _plot_memory(rows, mode, path: Path) -> Path | None:
 
 
 def write_plots(rows: Iterable[dict[str, Any]], out_dir: str | Path) -> list[Path]:
-    """Throughput, speedup/efficiency and memory PNGs per mode into ``out_dir``; returns the
-    paths written (plots with nothing to draw are skipped)."""
+    """Throughput, speedup/efficiency and memory PNGs per mode into ``out_dir`` (inference:
+    ``infer_plots.write_infer_plots``); returns the paths written (plots with nothing to draw are
+    skipped)."""
+    from .infer_plots import write_infer_plots
+
     rows = with_scaling(rows)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    colors = _colors(rows)
+    colors = _colors([r for r in rows if not is_infer(r)])
     written: list[Path] = []
     taken: set[str] = set()
     for mode in modes_of(rows):
         slug = _slug(mode, taken)
+        if mode == "infer":
+            written += write_infer_plots(rows, out_dir, slug, _colors(r for r in rows if is_infer(r)))
+            continue
         for path in (_plot_throughput(rows, mode, colors, out_dir / f"{slug}_throughput.png"),
                      _plot_scaling(rows, mode, colors, out_dir / f"{slug}_scaling.png"),
                      _plot_memory(rows, mode, out_dir / f"{slug}_memory.png")):
@@ -268,14 +276,23 @@ def write_plots(rows: Iterable[dict[str, Any]], out_dir: str | Path) -> list[Pat
 
 def write_compare_plot(rows_a: Iterable[dict[str, Any]], rows_b: Iterable[dict[str, Any]],
                        label_a: str, label_b: str, out_dir: str | Path) -> list[Path]:
-    """Throughput vs devices of two sweeps overlaid, per mode: A solid, B dashed."""
+    """Throughput vs devices of two sweeps overlaid, per mode: A solid, B dashed. Inference:
+    the forward workload at its largest batch size (both sweeps' rows at that batch)."""
     rows_a, rows_b = with_scaling(rows_a), with_scaling(rows_b)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    colors = _colors(rows_a + rows_b)
     written, taken = [], set()
     for mode in modes_of(rows_a + rows_b):
-        sa, sb = _series(rows_a, mode, "samples_per_s"), _series(rows_b, mode, "samples_per_s")
+        ma, mb = ([r for r in rows if mode_of(r) == mode] for rows in (rows_a, rows_b))
+        # The colours of the sweep reports: one set for inference, one for the other modes.
+        colors = _colors(r for r in rows_a + rows_b if is_infer(r) == (mode == "infer"))
+        fixed_a, fixed_b = fixed_description(ma, mode), fixed_description(mb, mode)
+        what = "Throughput vs devices"
+        if mode == "infer":
+            ma, mb, batch = _forward_at_largest_batch(ma, mb)
+            fixed_a, fixed_b = infer_description(ma, "forward"), infer_description(mb, "forward")
+            what = f"Forward throughput at batch {batch} vs devices"
+        sa, sb = _series(ma, mode, "samples_per_s"), _series(mb, mode, "samples_per_s")
         if not (sa or sb):
             continue
         fig, (ax,) = _figure()
@@ -286,12 +303,23 @@ def write_compare_plot(rows_a: Iterable[dict[str, Any]], rows_b: Iterable[dict[s
                  Line2D([], [], color="#333333", linestyle="--", marker="s", label=f"B: {_t(label_b)}")]
         ax.set_ylabel("throughput (samples/s, global)")
         ax.set_ylim(bottom=0)
-        _device_axis(ax, sorted(set(_counts(rows_a, mode)) | set(_counts(rows_b, mode))))
+        _device_axis(ax, sorted(set(_counts(ma, mode)) | set(_counts(mb, mode))))
         _legend(ax, labels, colors, extra, over)
-        _title(fig, f"Throughput vs devices: A ({label_a}, solid) vs B ({label_b}, dashed)",
-               _same_or_both(fixed_description(rows_a, mode), fixed_description(rows_b, mode)))
+        _title(fig, f"{what}: A ({label_a}, solid) vs B ({label_b}, dashed)",
+               _same_or_both(fixed_a, fixed_b))
         written.append(_save(fig, out_dir / f"compare_{_slug(mode, taken)}_throughput.png"))
     return written
+
+
+def _forward_at_largest_batch(rows_a: list, rows_b: list) -> tuple[list, list, int | None]:
+    """Both sweeps' forward rows at the largest batch size that ran ok in either."""
+    batches = {num(r.get("batch_size")) for r in rows_a + rows_b
+               if r.get("workload") == "forward" and is_ok(r)} - {None}
+    batch = max(batches) if batches else None
+
+    def pick(rows):
+        return [r for r in rows if r.get("workload") == "forward" and num(r.get("batch_size")) == batch]
+    return pick(rows_a), pick(rows_b), None if batch is None else int(batch)
 
 
 def _same_or_both(a: str, b: str) -> str:

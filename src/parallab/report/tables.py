@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from parallab.bench.result import add_scaling, baseline_of
+from parallab.bench.result import add_scaling, baseline_of, scaling_key
 
 MIB = 1024 ** 2
 DASH = "—"
@@ -25,7 +25,8 @@ OVERSUBSCRIBED_NOTE = (
 )
 MODE_TITLES = {"train": "Training", "infer": "Inference"}
 _MODE_ORDER = {"train": 0, "infer": 1}
-_STRATEGY_ORDER = {"single": 0, "ddp": 1, "fsdp": 2, "pipeline": 3, "tp": 4}
+_STRATEGY_ORDER = {"single": 0, "ddp": 1, "replicas": 1, "fsdp": 2, "pipeline": 3, "tp": 4}
+_WORKLOAD_ORDER = {"forward": 0, "generate": 1}
 _DTYPES = {"float32": "fp32", "torch.float32": "fp32", "bfloat16": "bf16",
            "torch.bfloat16": "bf16", "float16": "fp16", "torch.float16": "fp16"}
 
@@ -67,42 +68,48 @@ def modes_of(rows: Iterable[dict[str, Any]]) -> list[str]:
 
 
 def row_sort_key(row: dict[str, Any]) -> tuple:
-    """A total, deterministic order: mode, devices, strategy, config id."""
+    """A total, deterministic order: mode, devices, strategy, config id, then (inference) the
+    workload, forward first, and the batch size."""
     devices = num(row.get("devices"))
     strategy = text(row.get("strategy"))
+    workload, batch = text(row.get("workload")), num(row.get("batch_size"))
     return (_MODE_ORDER.get(mode_of(row), 9), mode_of(row),
             devices if devices is not None else math.inf,
-            _STRATEGY_ORDER.get(strategy, 9), strategy, text(row.get("config_id")))
+            _STRATEGY_ORDER.get(strategy, 9), strategy, text(row.get("config_id")),
+            _WORKLOAD_ORDER.get(workload, 9), workload, batch if batch is not None else math.inf)
 
 
 def sorted_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=row_sort_key)
 
 
+def references(rows: Iterable[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """``scaling_key`` -> the first ok 1-device ``single`` row with that key: the reference of
+    each mode (training), or of each workload and batch size (inference)."""
+    ref: dict[tuple, dict[str, Any]] = {}
+    for row in rows:
+        if row.get("strategy") == "single" and row.get("devices") == 1 and is_ok(row):
+            ref.setdefault(scaling_key(row), row)
+    return ref
+
+
 def with_scaling(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Copies of the rows, sorted, with speedup/efficiency filled where missing, against the
-    1-device ``single`` row of the same mode."""
-    rows = [dict(r) for r in rows]
-    for mode in modes_of(rows):
-        base = baseline_of(rows, mode)
-        for row in rows:
-            if mode_of(row) == mode and row.get("speedup") is None and num(row.get("devices")):
-                add_scaling(row, base)
-    return sorted_rows(rows)
+    1-device ``single`` row of the same mode, workload and batch size (``scaling_key``)."""
+    rows = sorted_rows(dict(r) for r in rows)
+    ref = references(rows)
+    for row in rows:
+        if row.get("speedup") is None and num(row.get("devices")):
+            add_scaling(row, ref.get(scaling_key(row)))
+    return rows
 
 
 # ---------------------------------------------------------------- formatting
 
 def fmt_num(value: Any) -> str:
     """Throughput-style number: 3 significant digits below 100, thousands separators above."""
-    x = num(value)
-    if x is None:
-        return DASH
-    if abs(x) >= 100:
-        return f"{x:,.0f}"
-    if abs(x) >= 10:
-        return f"{x:.1f}"
-    return f"{x:.3g}"
+    return _fmt(value, lambda x: f"{x:,.0f}" if abs(x) >= 100 else f"{x:.1f}" if abs(x) >= 10
+                else f"{x:.3g}")
 
 
 def fmt_sci(value: Any) -> str:
@@ -119,29 +126,30 @@ def fmt_sci(value: Any) -> str:
     return s
 
 
+def _fmt(value: Any, fmt) -> str:
+    x = num(value)
+    return DASH if x is None else fmt(x)
+
+
 def fmt_ms(seconds: Any) -> str:
-    x = num(seconds)
-    return DASH if x is None else f"{x * 1e3:.1f}"
+    return _fmt(seconds, lambda x: f"{x * 1e3:.1f}")
 
 
 def fmt_x(value: Any) -> str:
-    x = num(value)
-    return DASH if x is None else f"{x:.2f}x"
+    return _fmt(value, lambda x: f"{x:.2f}x")
 
 
 def fmt_pct(fraction: Any) -> str:
-    x = num(fraction)
-    return DASH if x is None else f"{x * 100:.0f}%"
+    return _fmt(fraction, lambda x: f"{x * 100:.0f}%")
 
 
 def fmt_mib(nbytes: Any) -> str:
-    x = num(nbytes)
-    return DASH if x is None else f"{x / MIB:,.1f}"
+    return _fmt(nbytes, lambda x: f"{x / MIB:,.1f}")
 
 
 def fmt_mfu(fraction: Any) -> str:
-    x = num(fraction)
-    return DASH if x is None else f"{x * 100:.2g}%"
+    """MFU is stored as a fraction; shown in percent."""
+    return _fmt(fraction, lambda x: f"{x * 100:.2g}%")
 
 
 def fmt_dtype(dtype: Any) -> str:
@@ -149,14 +157,24 @@ def fmt_dtype(dtype: Any) -> str:
 
 
 def _naive(row: dict[str, Any]) -> bool:
+    if mode_of(row) == "infer":
+        # An inference pipeline splits each batch into at most its configured micro-batches
+        # (batch 1: one), so a row's own count does not name the configuration: its id does
+        # ('infer-pipeline-naive-2', 'infer-pipeline-m4-2', infer/settings.infer_config_id).
+        m = re.search(r"-(naive|m[0-9]+)-[0-9]+$", text(row.get("config_id")))
+        if m:
+            return m.group(1) in ("naive", "m1")
     return row.get("microbatches") == 1 or row.get("schedule") == "naive"
 
 
 def strategy_label(row: dict[str, Any]) -> str:
     """What the headline calls a strategy: 'ddp', 'pipeline 1f1b', 'naive split' (a pipeline with
-    one micro-batch is the plain layer split: one stage works at a time)."""
+    one micro-batch is the plain layer split: one stage works at a time). Inference pipelines
+    have one (forward-only) schedule: 'pipeline' or 'naive split'."""
     strategy = text(row.get("strategy"))
     schedule = row.get("schedule")
+    if mode_of(row) == "infer":
+        return ("naive split" if _naive(row) else "pipeline") if strategy == "pipeline" else strategy
     if strategy == "pipeline":
         if _naive(row):
             return "naive split"
@@ -178,18 +196,21 @@ def verification_label(row: dict[str, Any]) -> str:
     status = row.get("verify_status")
     if status is None:
         return DASH
-    rels = [x for x in (num(row.get("verify_max_loss_rel")), num(row.get("verify_max_weight_rel")))
-            if x is not None]
+    rels = [x for x in (num(row.get(k)) for k in ("verify_max_loss_rel", "verify_max_weight_rel",
+                                                  "verify_max_logits_rel")) if x is not None]
     detail = f"max rel {fmt_sci(max(rels))}" if rels else ""
     if status == "reference":
         return "reference"
-    if status == "pass":
-        return f"pass ({detail})" if detail else "pass"
     if status == "fail":
         tol = num(row.get("verify_tolerance"))
         if detail and tol is not None:
             detail += f" > tol {fmt_sci(tol)}"
-        return f"FAIL ({detail})" if detail else "FAIL"
+    wrong = num(row.get("verify_token_mismatches"))  # inference: greedy tokens that differ
+    if wrong is not None:
+        detail += (", " if detail else "") + f"{wrong:.0f} token mismatch{'' if wrong == 1 else 'es'}"
+    if status in ("pass", "fail"):
+        word = "pass" if status == "pass" else "FAIL"
+        return f"{word} ({detail})" if detail else word
     return str(status)
 
 
@@ -261,18 +282,30 @@ def summary_table(rows: Iterable[dict[str, Any]], *, full: bool = False) -> Tabl
 
 
 def verification_table(rows: Iterable[dict[str, Any]]) -> Table:
-    table = Table(columns=["config", "mode", "devices", "verification", "max loss rel",
-                           "max weight rel", "tolerance"],
-                  numeric=[False, False, True, False, True, True, True])
-    for row in sorted_rows(rows):
-        cells = [text(row.get("config_id")), mode_of(row), text(row.get("devices")),
-                 text(row.get("verify_status")) if row.get("verify_status") != "fail" else "FAIL",
-                 fmt_sci(row.get("verify_max_loss_rel")), fmt_sci(row.get("verify_max_weight_rel")),
-                 fmt_sci(row.get("verify_tolerance"))]
+    """One line per configuration (an inference configuration's rows, one per workload and batch
+    size, share one verification); logits and token columns only where inference rows are."""
+    rows = sorted_rows(rows)
+    infer = any(mode_of(r) == "infer" for r in rows)
+    keys = ["verify_max_loss_rel", "verify_max_weight_rel"]
+    columns = ["config", "mode", "devices", "verification", "max loss rel", "max weight rel"]
+    if infer:
+        keys += ["verify_max_logits_rel", "verify_token_mismatches"]
+        columns += ["max logits rel", "token mismatches"]
+    table = Table(columns=columns + ["tolerance"],
+                  numeric=[False, False, True, False] + [True] * (len(keys) + 1))
+    seen: set[tuple[str, str]] = set()
+    for row in rows:
+        if (mode_of(row), text(row.get("config_id"))) in seen:
+            continue
+        seen.add((mode_of(row), text(row.get("config_id"))))
+        cid = text(row.get("config_id")) + (f" {DAGGER}" if is_oversubscribed(row) else "")
+        cells = [cid, mode_of(row), text(row.get("devices")),
+                 text(row.get("verify_status")) if row.get("verify_status") != "fail" else "FAIL"]
+        cells += [text(row.get(k)) if k == "verify_token_mismatches" else fmt_sci(row.get(k))
+                  for k in keys] + [fmt_sci(row.get("verify_tolerance"))]
         table.cells.append(cells)
-        table.values.append([cells[0], cells[1], num(row.get("devices")), cells[3],
-                             num(row.get("verify_max_loss_rel")),
-                             num(row.get("verify_max_weight_rel")), num(row.get("verify_tolerance"))])
+        table.values.append([text(row.get("config_id")), cells[1], num(row.get("devices")), cells[3]]
+                            + [num(row.get(k)) for k in keys + ["verify_tolerance"]])
         table.oversubscribed.append(is_oversubscribed(row))
         table.failed.append(row.get("verify_status") == "fail")
     return table
@@ -360,13 +393,23 @@ def best_per_strategy(rows: Iterable[dict[str, Any]], mode: str) -> dict[tuple[s
     return best
 
 
+def _wrong(row: dict[str, Any]) -> bool:
+    return row.get("verify_status") == "fail"
+
+
 def headline(rows: Iterable[dict[str, Any]]) -> list[str]:
     """One sentence per device count: the best speedup of each strategy there, best first.
-    Oversubscribed measurements are excluded and named; failures are named."""
+    Oversubscribed measurements and verification failures are excluded and named, so are
+    configurations that did not run. Inference: one clause per workload point (infer.py)."""
+    from .infer import infer_headline
+
     rows = with_scaling(rows)
     modes = modes_of(rows)
     out: list[str] = []
     for mode in modes:
+        if mode == "infer":
+            out += infer_headline([r for r in rows if mode_of(r) == mode])
+            continue
         prefix = f"{mode_title(mode)}, " if len(modes) > 1 else ""
         mrows = [r for r in rows if mode_of(r) == mode]
         base = baseline_of(mrows, mode)
@@ -377,69 +420,28 @@ def headline(rows: Iterable[dict[str, Any]]) -> list[str]:
                          if num(r.get("devices")) is not None and num(r["devices"]) > 1})
         for n in counts:
             at_n = [r for r in mrows if num(r.get("devices")) == n]
-            best = {label: r for (label, d), r in best_per_strategy(mrows, mode).items()
-                    if d == n and not is_oversubscribed(r) and num(r.get("speedup")) is not None}
+            # A claim needs a clean measurement and the right answer.
+            claimable = [r for r in at_n if not is_oversubscribed(r) and not _wrong(r)
+                         and num(r.get("speedup")) is not None]
+            best = {label: r for (label, _), r in best_per_strategy(claimable, mode).items()}
             ranked = sorted(best.items(), key=lambda kv: (-kv[1]["speedup"], kv[0]))
             claims = [f"{fmt_x(r['speedup'])} with {label}" for label, r in ranked]
             over = [text(r.get("config_id")) for r in at_n if is_ok(r) and is_oversubscribed(r)]
-            failed = [f"{text(r.get('config_id'))} ({text(r.get('status'))})"
+            failed = [text(r.get("config_id")) + ("" if r.get("status") == "failed"
+                                                  else f" ({text(r.get('status'))})")
                       for r in at_n if not is_ok(r)]
+            wrong = [text(r.get("config_id")) for r in at_n
+                     if is_ok(r) and _wrong(r) and not is_oversubscribed(r)]
             sentence = f"{prefix}{n} devices: " + (", ".join(claims) if claims else "no speedup claimed")
             if over:
                 why = f"oversubscribed {DAGGER}, {n} CPU devices on {_one(at_n, 'cpu_cores') or '?'} cores"
                 sentence += (f"; excluded ({why}): {', '.join(over)}" if claims else
                              f": {', '.join(over)} ran {why}; timings shown in the table only")
+            if wrong:
+                sentence += f"; not claimed, verification failed: {', '.join(wrong)}"
             if failed:
                 sentence += f"; failed: {', '.join(failed)}"
             out.append(sentence)
         if not counts:
             out.append(f"{prefix}only 1-device runs: nothing to scale.")
     return out
-
-
-# ---------------------------------------------------------------- console
-
-_CONSOLE_TITLES = {"schedule, micro-batches m": "schedule", "devices": "N", "samples/s": "samples/s",
-                   "step median (ms)": "step ms", "step p90 (ms)": "p90 ms", "efficiency": "eff.",
-                   "peak mem / device (MiB)": "MiB/dev", "verification": "verified"}
-_FIT = {"status"}  # text columns kept on one line
-
-
-def print_summary(rows: Iterable[dict[str, Any]], console: Any = None) -> None:
-    """Headline and summary table on the console (rich). Oversubscribed rows are marked with a
-    dagger and dimmed; the footnote explains them."""
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table as RichTable
-    from rich.text import Text
-
-    rows = list(rows)
-    console = console or Console()
-    narrow = console.width < 150
-    for sentence in headline(rows):
-        console.print(Text(sentence))  # Text, not markup: row strings may contain '[...]'
-    table = summary_table(rows)
-    console.print(Text(scaling_statement(rows)))
-    rich = RichTable(box=box.SIMPLE_HEAD)
-    # Short headers, and on a narrow terminal fewer columns, so that the numbers stay on one line.
-    drop = {"strategy", "tokens/s", "step p90 (ms)", "MFU"} if narrow else set()
-    keep = [i for i, c in enumerate(table.columns) if c not in drop]
-    for i in keep:
-        rich.add_column(_CONSOLE_TITLES.get(table.columns[i], table.columns[i]),
-                        justify="right" if table.numeric[i] else "left",
-                        overflow="fold",  # numbers are never cropped, at worst wrapped
-                        min_width=max((len(c[i]) for c in table.cells), default=1)
-                        if table.numeric[i] or table.columns[i] in _FIT else None)
-    for cells, over, failed in zip(table.cells, table.oversubscribed, table.failed):
-        # narrow: "pass (max rel 3e-7)" -> "pass 3e-7"
-        styled = [Text(re.sub(r"^pass \(max rel (\S+)\)$", r"pass \1", cells[i])
-                       if narrow and table.columns[i] == "verification" else cells[i]) for i in keep]
-        for c in styled:
-            if c.plain.startswith("FAIL"):
-                c.stylize("bold red")
-        if failed:
-            styled[keep.index(table.columns.index("status"))].stylize("red")
-        rich.add_row(*styled, style="dim italic" if over else None)
-    console.print(rich)
-    if any(table.oversubscribed):
-        console.print(Text(OVERSUBSCRIBED_NOTE))
