@@ -24,10 +24,17 @@ from torch.utils._pytree import tree_flatten
 
 def _storages(tensors: Iterable) -> Iterable[torch.UntypedStorage]:
     from torch.distributed.tensor import DTensor
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
     for t in tensors:
         if isinstance(t, DTensor):
             t = t.to_local()
+        if is_traceable_wrapper_subclass(t):
+            # A wrapper without storage of its own (for example the asynchronous result of a
+            # functional collective under tensor parallelism): count the tensors it wraps.
+            attrs, _ = t.__tensor_flatten__()
+            yield from _storages(getattr(t, a) for a in attrs)
+            continue
         if isinstance(t, torch.Tensor) and t.device.type != "meta":
             yield t.untyped_storage()
 

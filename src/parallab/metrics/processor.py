@@ -17,9 +17,28 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
+def counted_flops_per_sample(family, cfg) -> float | None:
+    """Training FLOPs (forward + backward) of one sample, counted on meta (models/flops.py);
+    None, with a warning, where the family cannot count (the row is still written)."""
+    count = getattr(family, "flops_per_sample", None)
+    if count is None:
+        return None
+    try:
+        return count(cfg, training=True)
+    except Exception as e:  # noqa: BLE001 - a missing count must not lose the run's row
+        from parallab.runtime.dist import get_logger
+
+        get_logger().warning("could not count FLOPs per sample: %s: %s", type(e).__name__, e)
+        return None
+
+
 def train_row(*, spec, args, trainer, gathered: dict, verify: dict, machine: dict) -> dict:
     """The result row of a finished training run (rank 0)."""
+    from parallab.config import uses_pipeline
+    from parallab.plan.budget import budget_fields
+
     p, d, t = args.parallel, args.data, args.train
+    mb = p.microbatches if uses_pipeline(p.strategy) else 1
     cfg = trainer.cfg
     timed = [x for x in gathered["times"][t.warmup_steps:] if x == x]
     median = statistics.median(timed)
@@ -27,29 +46,33 @@ def train_row(*, spec, args, trainer, gathered: dict, verify: dict, machine: dic
     samples_per_s = global_batch / median
     tokens_per_s = samples_per_s * cfg.seq_len
     flops_per_token = trainer.family.flops_per_token(cfg, training=True)
+    flops_per_sample = counted_flops_per_sample(trainer.family, cfg)
     peak = spec.peak_flops
     mfu = tokens_per_s * flops_per_token / (peak * p.devices) if peak else None
     dims = trainer.par.dims
     cores = machine.get("cpu_cores") or 1
+    # Several nodes: each machine has its own cores (two node agents on one host share them).
+    hosts = machine.get("hosts") or [None]
+    per_host = (machine.get("devices_per_node") or p.devices) * max(hosts.count(h) for h in hosts)
     oversubscribed = (trainer.info.device.type == "cpu"
-                      and p.devices * args.runtime.threads_per_device > cores)
+                      and per_host * args.runtime.threads_per_device > cores)
     losses = gathered["losses"]
     peak_mem = gathered["peak"]
     static = gathered["params"] + gathered["grads"] + gathered["optim"]
     return make_row(
         run_id=spec.run_id, config_id=spec.config_id, mode="train", status="ok",
         timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        strategy=p.strategy, schedule=(p.schedule if p.strategy == "pipeline" else None),
-        devices=p.devices, nodes=1, threads_per_device=args.runtime.threads_per_device,
+        strategy=p.strategy, schedule=(p.schedule if uses_pipeline(p.strategy) else None),
+        devices=p.devices, nodes=len(machine.get("hosts") or [None]), threads_per_device=args.runtime.threads_per_device,
         oversubscribed=oversubscribed, dp_degree=dims.dp, pp_degree=dims.pp, tp_degree=dims.tp,
         fsdp_degree=dims.dp_shard, model=args.model.name, preset=args.model.preset,
-        n_params=trainer.n_params, flops_per_token=flops_per_token, dtype=t.dtype,
+        n_params=trainer.n_params, flops_per_token=flops_per_token,
+        flops_per_sample=flops_per_sample, dtype=t.dtype,
         data=d.source, seq_len=cfg.seq_len, global_batch=global_batch,
         per_device_batch=global_batch // dims.dp,
-        microbatches=p.microbatches if p.strategy == "pipeline" else 1,
-        microbatch_size=global_batch // dims.dp // (p.microbatches if p.strategy == "pipeline" else 1),
+        microbatches=mb, microbatch_size=global_batch // dims.dp // mb,
         scaling=d.scaling, steps=t.steps, warmup_steps=t.warmup_steps, timed_steps=len(timed),
-        activation_checkpointing=False,
+        activation_checkpointing=bool(p.activation_checkpointing),
         step_time_median_s=median, step_time_p90_s=percentile(timed, 90),
         step_time_min_s=min(timed), step_time_max_s=max(timed),
         samples_per_s=samples_per_s, tokens_per_s=tokens_per_s,
@@ -62,6 +85,7 @@ def train_row(*, spec, args, trainer, gathered: dict, verify: dict, machine: dic
         mem_activations_bytes=max(0, peak_mem - static) if peak_mem is not None else None,
         mem_source="cuda-max-allocated" if trainer.info.device.type == "cuda" else "cpu-tracked-tensors",
         cuda_reserved_bytes=gathered["reserved"],
+        **budget_fields(args.runtime, peak_mem),  # runtime.device_memory and whether the peak fits
         loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
         losses=losses, backend=trainer.info.backend, **verify, **machine,
     )

@@ -37,6 +37,19 @@ class PipelineUnit:
 
 
 class ModelFamily(Protocol):
+    """What every family provides. Optional, used where present (docs/MODELS.md):
+
+    * ``presets``: list of preset names (for help and errors);
+    * ``check(cfg, *, mode, parallel)``: raise ValueError (one line) for a strategy the family
+      refuses, before launch (mode 'train' or 'infer', parallel: the ParallelSection);
+    * ``make_data(cfg, global_batch, seed)``: the family's own batches (an object with
+      ``batch(step, *, rank, world) -> (x, y)`` and ``global_batch``), or None for tokens;
+    * ``init_weights(model, generator_for)``: initialize a materialized part that has no
+      ``init_weights`` method of its own (a user's module);
+    * ``flops_per_sample(cfg, *, training)``: counted FLOPs of one sample.
+
+    The model's config object exposes ``seq_len`` (1 for non-token models) and ``n_layers``
+    (the number of pipeline units), which validation and the result row read."""
     name: str
 
     def config(self, preset: str, overrides: dict) -> object: ...
@@ -99,9 +112,18 @@ class GPTFamily:
         return stage
 
     def tp_plan(self, cfg: GPTConfig) -> dict[str, str]:
-        """Tensor-parallel plan as data: module path pattern -> style (see parallel/tp.py)."""
+        """Tensor-parallel plan as data: module path pattern -> style (see parallel/tp.py).
+        The norm / replicated_input / sequence_split entries carry sequence parallelism
+        when it is on."""
         return {
             "tok_emb": "rowwise_embedding",
+            "pos_emb": "replicate",
+            "layers.0": "sequence_split",
+            "layers.*.attn_norm": "norm",
+            "layers.*.attn": "replicated_input",
+            "layers.*.mlp_norm": "norm",
+            "layers.*.mlp": "replicated_input",
+            "norm": "norm",
             "layers.*.attn.wq": "colwise",
             "layers.*.attn.wk": "colwise",
             "layers.*.attn.wv": "colwise",
@@ -123,8 +145,26 @@ class GPTFamily:
         """Mean cross-entropy over every token: logits [B, T, V], targets [B, T]."""
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
 
+    def flops_per_sample(self, cfg: GPTConfig, *, training: bool = True) -> float:
+        """Counted FLOPs of one sequence (FlopCounterMode on meta, models/flops.py)."""
+        from parallab.models.flops import count_flops
 
-FAMILIES: dict[str, ModelFamily] = {"gpt": GPTFamily()}
+        x = torch.zeros(1, cfg.seq_len, dtype=torch.long, device="meta")
+        counted = count_flops(build_meta(self, cfg), x, x, self.loss, key=("gpt", cfg))
+        return float(counted["training" if training else "forward"])
+
+
+def _families() -> dict[str, ModelFamily]:
+    from parallab.models.hf import HFFamily
+    from parallab.models.resnet import ResNetFamily
+    from parallab.models.user import UserFamily
+
+    return {"gpt": GPTFamily(), "hf-gpt2": HFFamily("hf-gpt2", "gpt2"),
+            "hf-llama": HFFamily("hf-llama", "llama"), "hf": HFFamily("hf", None),
+            "resnet": ResNetFamily(), "user": UserFamily()}
+
+
+FAMILIES: dict[str, ModelFamily] = _families()
 
 
 def get_family(name: str) -> ModelFamily:
@@ -134,7 +174,9 @@ def get_family(name: str) -> ModelFamily:
 
 
 def presets(name: str) -> list[str]:
-    return list(GPT_PRESETS) if name == "gpt" else []
+    if name == "gpt":
+        return list(GPT_PRESETS)
+    return list(getattr(FAMILIES.get(name), "presets", []))
 
 
 def build_meta(family: ModelFamily, cfg) -> nn.Module:
