@@ -55,6 +55,8 @@ class Parallelized:
     loss_parallel: bool = False
     """Logits come back sharded over the vocabulary (tensor parallelism): the loss and its
     backward run inside ``loss_context()``."""
+    autocast_dtype: torch.dtype | None = None
+    """bf16 training without FSDP's policy: fp32 weights, forward under torch.autocast."""
     grad_sync_mesh: Any | None = None
     """Set where gradients are averaged by ``sync_gradients`` after backward (data
     parallelism around pipeline stages) instead of by a wrapper during backward."""
@@ -68,6 +70,15 @@ class Parallelized:
 
             return loss_parallel()
         return contextlib.nullcontext()
+
+    def compute_context(self):
+        """Where forward (and the loss) run: autocast to bf16 for mixed-precision training."""
+        import contextlib
+
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        device_type = next(self.parameters()).device.type
+        return torch.autocast(device_type, dtype=self.autocast_dtype)
 
     def sync_gradients(self) -> None:
         """Call after backward, before the optimizer step (a no-op for most strategies)."""
@@ -96,7 +107,7 @@ def parallelize(model: nn.Module, family: ModelFamily, cfg, dims: ParallelDims, 
                 ddp_bucket_cap_mb: float = 25.0, stages_per_device: int = 1,
                 fsdp_reshard_after_forward: bool = True, sequence_parallel: bool = False,
                 loss_parallel: bool = True, activation_checkpointing: bool = False,
-                inference: bool = False) -> Parallelized:
+                compile: bool = False, inference: bool = False) -> Parallelized:
     """Turn the single-device model on the meta device into this rank's part of the run.
 
     ``inference``: forward only, so no pipeline schedule (the inference engine drives its
@@ -134,11 +145,22 @@ def parallelize(model: nn.Module, family: ModelFamily, cfg, dims: ParallelDims, 
         for part in parts:
             apply_ac(part)
 
+    # 3b. torch.compile per transformer block (in place: parameter names stay), after
+    # checkpointing so the recomputed region is the compiled one, before FSDP so FSDP's
+    # communication hooks stay outside the compiled graphs.
+    if compile:
+        for part in parts:
+            for block in getattr(part, "layers", {}).values():
+                block.compile()
+
     # 4. FSDP over the dp_shard dimension, still on meta. On GPUs with bf16 the parameters stay
     # fp32 (the sharded master copy) and FSDP casts its all-gathered copy to bf16 for compute,
     # reducing gradients in fp32; otherwise parameters are stored in the run's dtype.
+    # Training in bf16 is mixed precision: fp32 master weights, bf16 compute (torch.autocast in
+    # the trainer, or FSDP's mixed-precision policy on GPUs). Inference stores weights in bf16.
     fsdp_mixed = dims.dp_shard > 1 and device.type == "cuda" and dtype == torch.bfloat16
-    if dtype != torch.float32 and not fsdp_mixed:
+    out.autocast_dtype = dtype if dtype != torch.float32 and not inference and not fsdp_mixed else None
+    if dtype != torch.float32 and inference:
         for part in parts:
             part.to(dtype)  # on meta: no memory; initialization below rounds to this dtype
     if dims.dp_shard > 1:

@@ -20,13 +20,14 @@ from parallab.runtime.dist import DistInfo, get_logger
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def make_optimizer(name: str, params: list, *, lr: float) -> torch.optim.Optimizer:
-    # foreach=True: one multi-tensor kernel per group instead of a loop over parameters (the
-    # default picks it on CUDA only). The update is elementwise, so it is the same computation
-    # on a whole parameter and on a shard of it.
+def make_optimizer(name: str, params: list, *, lr: float, device_type: str = "cpu") -> torch.optim.Optimizer:
+    """The update is elementwise, so it is the same computation on a whole parameter and on a
+    shard of it. On GPUs: the fused kernels (one launch for all parameters); on CPUs foreach
+    (one multi-tensor op per group instead of a loop over parameters)."""
+    kind = {"fused": True} if device_type == "cuda" else {"foreach": True}
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, foreach=True)
-    return torch.optim.AdamW(params, lr=lr, foreach=True)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, **kind)
+    return torch.optim.AdamW(params, lr=lr, **kind)
 
 
 @dataclass
@@ -57,8 +58,9 @@ class Trainer:
                           schedule=p.schedule, stages_per_device=stages_per_device(p),
                           fsdp_reshard_after_forward=p.fsdp_reshard_after_forward,
                           sequence_parallel=p.sequence_parallel,
-                          activation_checkpointing=p.activation_checkpointing)
-        optimizer = make_optimizer(args.train.optimizer, list(par.parameters()), lr=args.train.lr)
+                          activation_checkpointing=p.activation_checkpointing, compile=p.compile)
+        optimizer = make_optimizer(args.train.optimizer, list(par.parameters()), lr=args.train.lr,
+                                   device_type=info.device.type)
         # A family with batches of its own (images, a user's batch maker) provides them;
         # token models read synthetic tokens or a corpus.
         make_data = getattr(family, "make_data", None)
@@ -82,14 +84,16 @@ class Trainer:
             # Inputs enter at the first stage, targets are needed where the loss is computed.
             inputs = (x,) if par.is_first_stage else ()
             target = y if par.is_last_stage else None
-            par.schedule.step(*inputs, target=target, losses=losses)
+            with par.compute_context():
+                par.schedule.step(*inputs, target=target, losses=losses)
             loss = torch.stack(losses).mean().detach() if par.is_last_stage else None
         else:
             # Under tensor parallelism the logits are sharded over the vocabulary, and the
             # loss and its backward run inside loss_parallel (see Parallelized.loss_context).
             with par.loss_context():
-                logits = par.module(x)
-                loss = self.family.loss(logits, y)
+                with par.compute_context():
+                    logits = par.module(x)
+                    loss = self.family.loss(logits, y)
                 loss.backward()  # DDP all-reduces / FSDP reduce-scatters gradients during this
             loss = loss.detach()
             if hasattr(loss, "full_tensor"):  # a replicated DTensor: its local value is the loss
