@@ -15,7 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from parallab.config import (ConfigError, SweepArgs, SweepSection, TrainArgs, TrainSection,
+from tyro.conf import Positional
+
+from parallab.slurm import SlurmArgs, cmd_slurm
+
+from parallab.config import (ConfigError, InferArgs, SweepArgs, SweepSection, TrainArgs, TrainSection,
                              ModelSection, load_toml, validate_train)
 
 
@@ -23,7 +27,8 @@ from parallab.config import (ConfigError, SweepArgs, SweepSection, TrainArgs, Tr
 class VerifyArgs(SweepArgs):
     """Equivalence check: every strategy x device count against one device."""
     model: ModelSection = field(default_factory=lambda: ModelSection(preset="debug"))
-    train: TrainSection = field(default_factory=lambda: TrainSection(steps=6, warmup_steps=1))
+    train: TrainSection = field(default_factory=lambda: TrainSection(
+        steps=6, warmup_steps=1, optimizer="sgd", lr=0.05))
     sweep: SweepSection = field(default_factory=lambda: SweepSection(
         strategies=("ddp", "pipeline:gpipe", "pipeline:1f1b", "pipeline:naive"), device_counts=(2, 4)))
 
@@ -31,14 +36,15 @@ class VerifyArgs(SweepArgs):
 @dataclass
 class ReportArgs:
     """Rebuild report.md, report.html and plots of a run from its results.jsonl alone."""
-    run: str
+    run: Positional[str]
+    """The run folder (runs/<id>)."""
 
 
 @dataclass
 class CompareArgs:
     """Two sweeps side by side (two machines, or before and after a change)."""
-    run_a: str
-    run_b: str
+    run_a: Positional[str]
+    run_b: Positional[str]
     out: str | None = None
     """Folder for the comparison (default: <run_b>/compare-<name of run_a>)."""
 
@@ -88,20 +94,50 @@ def cmd_train(args: TrainArgs) -> int:
     validate_train(args)
     if in_torchrun():
         return _train_inside_torchrun(args)
-    folder, run_id = prepare_run_folder(args.runtime.out_dir, args.runtime.run_id)
+    from parallab.runtime.nodes import check_endpoint, file_suffix, plan_train, run_name, writes_results
+
+    args = plan_train(args)  # several nodes (runtime/nodes.py): devices per node, then the endpoint
+    check_endpoint(args.runtime)
+    if args.runtime.nproc_per_node and args.parallel.devices > args.runtime.nproc_per_node:
+        from parallab.config import parallel_dims
+        from parallab.runtime.layout import describe
+
+        per_node = args.runtime.nproc_per_node  # where each mesh dimension falls: within or across nodes
+        Console().print(describe(parallel_dims(args.parallel), args.parallel.devices // per_node, per_node))
+    if args.train.resume or args.train.resume_from:  # continuing: the run folder may hold results
+        from parallab.bench.launch import new_run_id
+
+        run_id = args.runtime.run_id or new_run_id()
+        folder = RunFolder(Path(args.runtime.out_dir) / run_id).create()
+    else:
+        folder, run_id = prepare_run_folder(args.runtime.out_dir, run_name(args.runtime),
+                                            writes_results=writes_results(args.runtime))
+    from parallab.bench.resume import RunLock
+
+    import contextlib
+
     peak, src = peak_flops_for(args, folder)
-    row = launch(args, folder, run_id=run_id, reference=None, save_reference=False,
-                 peak_flops=peak, peak_flops_source=src, timeout_s=24 * 3600)
-    append_row(folder.results, row)
+    # Several nodes may share the folder: only node 0 (the one writer) takes its lock.
+    with RunLock(folder.root) if writes_results(args.runtime) else contextlib.nullcontext():
+        row = launch(args, folder, run_id=run_id, reference=None, save_reference=False,
+                     peak_flops=peak, peak_flops_source=src, timeout_s=24 * 3600)
+    if writes_results(args.runtime):  # several nodes: node 0 only
+        append_row(folder.results, row)
     console = Console()
     if row["status"] != "ok":
-        console.print(f"[red]{row['config_id']}: {row['status']}[/]: {row['reason']}\n"
-                      f"log: {folder.root / 'logs' / (row['config_id'] + '.log')}")
+        from rich.markup import escape  # a reason may hold brackets ("[/path/pair.cc:152]")
+
+        console.print(f"[red]{row['config_id']}: {row['status']}[/]: {escape(str(row['reason']))}\n"
+                      f"log: {folder.root / 'logs' / (row['config_id'] + file_suffix(args.runtime) + '.log')}")
         return 1
     console.print(f"{row['config_id']}: {row['samples_per_s']:.2f} samples/s, "
                   f"{row['tokens_per_s']:.0f} tokens/s, step {row['step_time_median_s']:.3f} s "
-                  f"(p90 {row['step_time_p90_s']:.3f} s), peak {row['peak_mem_bytes'] / 2**20:.1f} MiB/device, "
+                  f"(p90 {row['step_time_p90_s']:.3f} s), peak "
+                  f"{'n/a' if row['peak_mem_bytes'] is None else format(row['peak_mem_bytes'] / 2**20, '.1f')} MiB/device, "
                   f"loss {row['loss_first']:.4f} -> {row['loss_last']:.4f}")
+    if not writes_results(args.runtime):
+        console.print(f"node {args.runtime.node_rank}: done; node 0 writes the results")
+        return 0
     console.print(f"results: {folder.results}")
     return 0
 
@@ -125,6 +161,35 @@ def _train_inside_torchrun(args: TrainArgs) -> int:
     return rc
 
 
+def cmd_infer(args: InferArgs) -> int:
+    from parallab.infer.commands import cmd_infer as run
+    from parallab.runtime.nodes import is_multinode
+
+    if is_multinode(args.runtime):  # not launched across nodes yet: refuse rather than run N copies
+        raise ConfigError(f"infer does not run across nodes yet (runtime.nnodes={args.runtime.nnodes}); "
+                          "run it on one node")
+    return run(args)
+
+
+@dataclass
+class ExportArgs:
+    """Write a checkpoint's model weights to one plain file (any strategy, any device count)."""
+    checkpoint: Positional[str]
+    """A step-N checkpoint folder, or a checkpoint folder (its newest)."""
+    out: Positional[str]
+    """The file to write: torch.save of {parameter name: tensor}."""
+
+
+def cmd_export(args: ExportArgs) -> int:
+    from parallab.train.checkpoint import export
+
+    path, info = export(args.checkpoint, args.out)
+    print(f"{path}: weights of step {info['step']} ({info['model']['name']} "
+          f"{info['model']['preset']}, saved by {info['strategy']} on {info['devices']} device(s)); "
+          "load with torch.load(path, weights_only=True)")
+    return 0
+
+
 def cmd_sweep(args: SweepArgs) -> int:
     from parallab.bench.sweep import run_sweep
 
@@ -137,13 +202,17 @@ def cmd_verify(args: VerifyArgs) -> int:
     from parallab.bench.sweep import run_sweep
 
     folder = run_sweep(args)
+    if args.runtime.node_rank != 0:  # several nodes: node 0 holds the results and checks them
+        print(f"parallab verify: node {args.runtime.node_rank}: done; node 0 checks the results")
+        return 0
     rows = read_rows(folder / "results.jsonl")
-    bad = [r["config_id"] for r in rows if r["verify_status"] not in ("pass", "reference")]
+    configs = sorted({r["config_id"] for r in rows})
+    bad = sorted({r["config_id"] for r in rows if r["verify_status"] not in ("pass", "reference")})
     if bad:
-        print(f"parallab verify: {len(bad)} configuration(s) did not match one device: {', '.join(bad)}",
-              file=sys.stderr)
+        print(f"parallab verify: {len(bad)} of {len(configs)} configuration(s) did not match one device "
+              f"(or did not run): {', '.join(bad)}", file=sys.stderr)
         return 1
-    print(f"parallab verify: all {len(rows) - 1} configuration(s) match the single-device run")
+    print(f"parallab verify: all {len(configs)} configurations match the single-device run")
     return 0
 
 
@@ -178,10 +247,13 @@ COMMANDS: dict[str, tuple[type, Callable[..., int], bool]] = {
     # name: (settings class, function, takes --config)
     "sweep": (SweepArgs, cmd_sweep, True),
     "train": (TrainArgs, cmd_train, True),
+    "infer": (InferArgs, cmd_infer, True),
     "verify": (VerifyArgs, cmd_verify, True),
     "env": (EnvArgs, cmd_env, False),
     "report": (ReportArgs, cmd_report, False),
     "compare": (CompareArgs, cmd_compare, False),
+    "export": (ExportArgs, cmd_export, False),
+    "slurm": (SlurmArgs, cmd_slurm, False),
 }
 
 
@@ -194,9 +266,38 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(cls, args: list[str], default, *, prog: str):
+    """tyro parses; its boxed error message is folded into one line (exit code 2)."""
+    import contextlib
+    import io
+
     import tyro
 
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return tyro.cli(cls, args=args, default=default, prog=prog, description=cls.__doc__)
+    except SystemExit as e:
+        text = err.getvalue()
+        if e.code in (0, None):
+            sys.stderr.write(text)
+            raise
+        # Keep the message part of the box (before its first rule), without the drawing.
+        lines = []
+        for raw in text.splitlines():
+            raw = raw.strip()
+            if raw.startswith(("\u256d", "\u2570")):  # the box's top (title) and bottom
+                continue
+            line = raw.strip("\u2502 ")
+            if line and set(line) <= {"\u2500", " "}:  # the rule after the message
+                break
+            if line:
+                lines.append(line)
+        message = " ".join(lines) or "invalid arguments"
+        raise ConfigError(f"{message} (see {prog} --help)") from None
+
+
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
@@ -212,11 +313,19 @@ def main(argv: list[str] | None = None) -> int:
             defaults = cls()
             pre = argparse.ArgumentParser(add_help=False)
             pre.add_argument("--config")
+            if issubclass(cls, SweepArgs):  # --resume RUN_DIR: that sweep's own settings
+                pre.add_argument("--resume", "--sweep.resume", dest="resume")
             known, rest = pre.parse_known_args(rest)
             if known.config:
                 defaults = load_toml(cls, known.config)
-        settings = tyro.cli(cls, args=rest, default=defaults, prog=f"parallab {name}",
-                            description=cls.__doc__)
+            if getattr(known, "resume", None):
+                from parallab.bench.resume import load_settings
+
+                if known.config:
+                    raise ConfigError("give --resume RUN_DIR or --config, not both (a resumed sweep "
+                                      "uses the settings in RUN_DIR/sweep.json)")
+                defaults = load_settings(cls, known.resume)
+        settings = _parse(cls, rest, defaults, prog=f"parallab {name}")
         return func(settings)
     except ConfigError as e:
         print(f"parallab {name}: error: {e}", file=sys.stderr)

@@ -27,6 +27,9 @@ class WorkerSpec:
     save_reference: bool = False
     peak_flops: float | None = None
     peak_flops_source: str | None = None
+    steps_csv: str | None = None
+    """Where rank 0 logs each step as it ends (metrics/live.py)."""
+    tensorboard_dir: str | None = None
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1))
@@ -42,8 +45,11 @@ def run_worker(spec: WorkerSpec) -> int:
     from parallab.metrics.processor import train_row
     from parallab.runtime.device import gpu_peak_flops, machine_info
     from parallab.runtime.dist import get_logger, init_distributed, shutdown
+    from parallab.runtime.faults import ProgressBoard, restart_count
+    from parallab.runtime.nodes import gather_hosts, ranks_agree, share_from_rank0, writes_row_file
+    from parallab.train.checkpoint import Checkpointing, checkpoint_dir_for
     from parallab.train.trainer import Trainer, gather_measurements
-    from parallab.train.verify import TOLERANCE, compare_to_reference, save_reference
+    from parallab.train.verify import compare_to_reference, save_reference, tolerance
 
     args = from_dict(TrainArgs, spec.args)
     info = init_distributed(backend=args.runtime.backend, timeout_s=args.runtime.collective_timeout_s,
@@ -57,32 +63,70 @@ def run_worker(spec: WorkerSpec) -> int:
         trainer = Trainer.build(args, info, cache_dir=Path(spec.cache_dir))
         log.info("%s: %s, %d parameters, %d device(s), %s", spec.config_id, args.model.preset,
                  trainer.n_params, info.world_size, info.backend)
-        raw = trainer.run()
+        # Reliability (train/checkpoint.py, runtime/faults.py): resume, checkpoints, and a
+        # progress board that names the operation and the ranks when a collective times out.
+        board = ProgressBoard.for_trainer(trainer)
+        ckpt = Checkpointing(trainer, checkpoint_dir_for(args.train, Path(spec.result_path).parent.parent,
+                                                         spec.config_id), on_save=board.post)
+        board.post("resume")
+        start = ckpt.resume()
+        if start:
+            log.info("%s: resumed from %s at step %d", spec.config_id, ckpt.source, start)
+        if info.is_main and spec.steps_csv:
+            from parallab.metrics.live import StepLog
+
+            trainer.step_log = StepLog(
+                Path(spec.steps_csv), steps=args.train.steps, samples_per_step=trainer.data.global_batch,
+                tokens_per_step=trainer.data.global_batch * trainer.cfg.seq_len,
+                tensorboard_dir=Path(spec.tensorboard_dir) if spec.tensorboard_dir else None)
+        raw = trainer.run(start_step=start, before_step=board.before_step, after_step=ckpt.after_step)
+        if trainer.step_log is not None:
+            trainer.step_log.close()
+        board.post("gather")
         gathered = gather_measurements(trainer, raw)
+        gathered["losses"] = ckpt.history + gathered["losses"]  # steps before the resume
         losses = gathered["losses"]
-        verify = {"verify_tolerance": TOLERANCE[args.train.dtype]}
+        board.post("verify")
+        verify = {"verify_tolerance": tolerance(args.train.dtype, args.train.optimizer)}
         ref = Path(spec.reference_path) if spec.reference_path else None
+        # Every rank must take the same branch (the comparison has collectives): count the
+        # ranks that see the reference; on several nodes it may be on node 0's disk only.
+        have_ref = 0 if spec.save_reference else ranks_agree(ref is not None and ref.exists(),
+                                                             info.device)[0]
         if spec.save_reference:
             if info.is_main:
                 save_reference(trainer.par.model_parts, losses, ref)
             verify["verify_status"] = "reference"
-        elif ref is not None and ref.exists():
+        elif have_ref == info.world_size:
             loss_dev, weight_dev = compare_to_reference(trainer.par.model_parts, losses, ref,
                                                         device=info.device)
             ok = max(loss_dev, weight_dev) <= verify["verify_tolerance"]
             verify.update(verify_status="pass" if ok else "fail", verify_max_loss_rel=loss_dev,
                           verify_max_weight_rel=weight_dev)
+        elif have_ref:
+            verify["verify_status"] = "reference-not-shared"
+            log.warning("%s: %s is not on every node: not compared (put runtime.out_dir on a "
+                        "filesystem every node sees, with the same run_id)", spec.config_id, ref)
+        hosts = gather_hosts()  # several nodes: a collective
+        row = None
         if info.is_main:
-            machine = machine_info()
+            machine = machine_info(hosts=hosts)
             peak_src = spec.peak_flops_source
             if info.device.type == "cuda" and spec.peak_flops is None:
                 spec.peak_flops, peak_src = gpu_peak_flops(machine["device_name"], args.train.dtype)
                 spec.peak_flops_source = peak_src
             row = train_row(spec=spec, args=args, trainer=trainer, gathered=gathered,
                             verify=verify, machine=machine)
+            row.update(resumed_from_step=start or None, restarts=restart_count(),
+                       last_checkpoint=str(ckpt.last) if ckpt.last else None)
+        # Several nodes: rank 0's row goes to the first worker of every node, which writes it
+        # into its own node's run folder; node 0's launcher appends it (runtime/nodes.py).
+        row = share_from_rank0(row)
+        if writes_row_file(info.rank, info.local_rank):
             tmp = Path(spec.result_path + ".tmp")
             tmp.write_text(json.dumps(row, default=str))
             os.replace(tmp, spec.result_path)
+        if info.is_main:
             log.info("%s: %.2f samples/s, step %.3fs, verify %s", spec.config_id, row["samples_per_s"],
                      row["step_time_median_s"], row["verify_status"])
         return 0
@@ -100,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         # The launcher reads the last line of the log as the failure's reason.
         traceback.print_exc()
-        exc = sys.exc_info()[1]
+        from parallab.runtime.faults import explain_current
+
+        exc = explain_current(sys.exc_info()[1])  # a collective timeout: which operation, ranks
         print(f"PARALLAB-ERROR rank {os.environ.get('RANK', '0')}: {type(exc).__name__}: {exc}",
               file=sys.stderr, flush=True)
         return 1

@@ -24,7 +24,7 @@ ROW_KEYS: tuple[str, ...] = (
     # what ran
     "strategy", "schedule", "devices", "nodes", "threads_per_device", "oversubscribed",
     "dp_degree", "pp_degree", "tp_degree", "fsdp_degree",
-    "model", "preset", "n_params", "flops_per_token", "dtype",
+    "model", "preset", "n_params", "flops_per_token", "flops_per_sample", "dtype",
     "data", "seq_len", "global_batch", "per_device_batch", "microbatches", "microbatch_size",
     "scaling", "steps", "warmup_steps", "timed_steps", "activation_checkpointing",
     # speed
@@ -73,6 +73,13 @@ def append_row(path: str | os.PathLike, row: dict[str, Any]) -> None:
     """Append one row as one whole line: written in a single write and flushed to disk,
     so a crash leaves at worst a torn last line that ``read_rows`` skips."""
     line = json.dumps(row, sort_keys=False, allow_nan=False, default=str) + "\n"
+    try:  # after a torn last line, start a new one: this row must not be glued onto it
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = "\n" + line
+    except OSError:
+        pass  # no file yet, or an empty one
     with open(path, "a", encoding="utf-8") as f:
         f.write(line)
         f.flush()

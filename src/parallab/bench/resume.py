@@ -12,7 +12,6 @@ Nothing here is unpickled: sweep.json and results.jsonl are JSON.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -159,28 +158,25 @@ def mark_finished(entries, folder) -> None:
         e.rows, e.state = rows, "finished"
 
 
-@contextlib.contextmanager
-def sweep_folder(args, entries):
-    """``with sweep_folder(args, entries) as (folder, run_id):`` the sweep's run folder, locked
-    while the sweep runs: a new one, or with ``args.resume`` that folder with its finished
-    entries marked."""
+def resume_folder(args):
+    """(folder, run id) of ``parallab sweep --resume RUN_DIR``, after checking its settings."""
     from parallab.bench.launch import RunFolder
-    from parallab.bench.sweep import prepare_run_folder
 
-    if args.resume:
-        check_same_settings(args, args.resume)
-        folder, run_id = RunFolder(Path(args.resume)), Path(args.resume).name
-    else:
-        folder, run_id = prepare_run_folder(args.runtime.out_dir, args.runtime.run_id)
-    with RunLock(folder.root):
-        folder.create()
+    check_same_settings(args, args.resume)
+    return RunFolder(Path(args.resume)).create(), Path(args.resume).name
+
+
+def start_sweep(args, entries, folder) -> RunLock:
+    """Lock the run folder for this sweep, then write sweep.json (a new sweep) or mark the
+    entries that finished before (--resume). The caller releases the lock."""
+    lock = RunLock(folder.root)
+    lock.acquire()
+    try:
         if args.resume:
             mark_finished(entries, folder)
         else:
             (folder.root / "sweep.json").write_text(json.dumps(to_dict(args), indent=1))
-        try:
-            yield folder, run_id
-        except KeyboardInterrupt:
-            print(f"parallab: interrupted; finish the rest with: parallab sweep --resume {folder.root}",
-                  file=sys.stderr, flush=True)
-            raise
+    except BaseException:
+        lock.release()
+        raise
+    return lock

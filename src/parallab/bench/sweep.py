@@ -4,12 +4,14 @@ appended as soon as each finishes, a live display while it runs, reports at the 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from parallab.bench.launch import RunFolder, launch, new_run_id, steps_csv_path
@@ -18,8 +20,8 @@ from parallab.config import (ConfigError, InferArgs, InferSweepArgs, SweepArgs, 
                              to_dict, validate_sweep)
 from parallab.metrics.live import last_step
 from parallab.runtime.device import cached_cpu_peak_flops, cpu_cores
-from parallab.runtime.nodes import (NodeError, check_endpoint, config_launch, file_suffix, is_multinode,
-                                    run_name, takes_part, writes_results)
+from parallab.runtime.nodes import (check_endpoint, config_launch, file_suffix, is_multinode, run_name,
+                                    takes_part, writes_results)
 
 
 @dataclass
@@ -30,6 +32,8 @@ class Entry:
     state: str = "queued"
     rows: list[dict] = field(default_factory=list)
     started: float | None = None
+    append: bool = True
+    """False when rerun (--resume) only to recreate its reference file: its row is written already."""
 
     @property
     def mode(self) -> str:
@@ -50,9 +54,12 @@ def prepare_run_folder(out_dir: str, run_id: str | None, *,
 
 
 def peak_flops_for(args: TrainArgs, folder: RunFolder) -> tuple[float | None, str | None]:
-    """CPU peak measured once by calibration; GPU peaks come from the table inside the worker."""
+    """The user's peak (runtime.peak_tflops); else the CPU peak measured once by calibration;
+    GPU peaks come from the table inside the worker (it knows the GPU's name)."""
     import torch
 
+    if args.runtime.peak_tflops:
+        return args.runtime.peak_tflops * 1e12, "user: runtime.peak_tflops"
     if torch.cuda.is_available() and args.runtime.backend != "gloo":
         return None, None
     t = args.runtime.threads_per_device
@@ -128,8 +135,14 @@ def run_configs(entries: list[Entry], folder: RunFolder, *, run_id: str, peak_fl
     their speedups. Every row is appended to results.jsonl as soon as it exists."""
     baselines: dict[str, list[dict]] = {}
     out: list[dict] = []
-    with Live(_render(entries, title), console=console, refresh_per_second=2, transient=False) as live:
+    with Live(SweepView(entries, title, folder), console=console, refresh_per_second=2,
+              transient=False) as live:
         for e in entries:
+            if e.state == "finished":  # its rows are in results.jsonl already (--resume)
+                if e.mode not in baselines and e.args.parallel.strategy == "single":
+                    baselines[e.mode] = e.rows
+                out += e.rows
+                continue
             # Several nodes (runtime/nodes.py): node 0 runs every configuration, another node
             # only those that span it; only node 0 appends rows.
             rt = e.args.runtime
@@ -137,21 +150,21 @@ def run_configs(entries: list[Entry], folder: RunFolder, *, run_id: str, peak_fl
                 e.state = "node 0 only"
                 continue
             e.state, e.started = "running", time.perf_counter()
-            live.update(_render(entries, title))
+            live.refresh()
             is_reference = e.mode not in baselines and e.args.parallel.strategy == "single"
             rows = _run_one(e, folder, run_id=run_id, save_reference=is_reference,
                             peak_flops=peak_flops, peak_flops_source=peak_flops_source, timeout_s=timeout_s)
             if is_reference:
                 baselines[e.mode] = rows
             add_scaling_rows(rows, baselines.get(e.mode, []))
-            for row in rows if writes_results(rt) else ():
+            for row in rows if writes_results(rt) and e.append else ():
                 append_row(folder.results, row)  # written at once: a later crash loses nothing
             e.rows = rows
             bad = [r for r in rows if r["status"] not in ("ok", "does_not_fit")]
             e.state = bad[0]["status"] if bad else "ok"
             live.refresh()
             for r in bad:
-                live.console.print(f"[red]{e.cid}: {r['status']}[/]: {r['reason']} "
+                live.console.print(f"[red]{e.cid}: {r['status']}[/]: {escape(str(r['reason']))} "
                                    f"(log: {folder.root / 'logs' / (e.cid + file_suffix(rt) + '.log')})")
             out += rows
     return out
@@ -189,11 +202,13 @@ def run_sweep(args: SweepArgs, *, console: Console | None = None) -> Path:
             console.print("[yellow]several nodes: inference configurations are left out (not yet "
                           "launched across nodes); this sweep measures training[/]")
             entries = [e for e in entries if e.mode == "train"]
-        try:
-            check_endpoint(rt)
-        except NodeError as e:
-            raise ConfigError(str(e)) from None
-    folder, run_id = prepare_run_folder(rt.out_dir, run_name(rt), writes_results=writes_results(rt))
+        check_endpoint(rt)  # one line naming the endpoint (a ConfigError), before anything starts
+    from parallab.bench.resume import resume_folder, start_sweep
+
+    if args.resume:  # parallab sweep --resume RUN_DIR: that folder, only what is missing
+        folder, run_id = resume_folder(args)
+    else:
+        folder, run_id = prepare_run_folder(rt.out_dir, run_name(rt), writes_results=writes_results(rt))
     peak, peak_src = peak_flops_for(args, folder)  # on every node: rank 0 may run on any
     if not writes_results(rt):  # another node: run its part, node 0 writes results and reports
         console.print(f"node {rt.node_rank}: multi-node configurations of sweep {run_id}; node 0 writes "
@@ -202,11 +217,18 @@ def run_sweep(args: SweepArgs, *, console: Console | None = None) -> Path:
                     timeout_s=args.sweep.config_timeout_s, console=console,
                     title=f"parallab sweep {run_id}, node {rt.node_rank}")
         return folder.root
-    (folder.root / "sweep.json").write_text(json.dumps(to_dict(args), indent=1))
-    title = (f"parallab sweep {run_id}: {args.model.preset}, {' + '.join(args.sweep.modes)}, training "
-             f"global batch {args.data.global_batch} ({args.data.scaling} scaling), {cpu_cores()} cores")
-    run_configs(entries, folder, run_id=run_id, peak_flops=peak, peak_flops_source=peak_src,
-                timeout_s=args.sweep.config_timeout_s, console=console, title=title)
+    lock = start_sweep(args, entries, folder)  # one sweep per folder; writes sweep.json
+    try:
+        title = (f"parallab sweep {run_id}: {args.model.preset}, {' + '.join(args.sweep.modes)}, training "
+                 f"global batch {args.data.global_batch} ({args.data.scaling} scaling), {cpu_cores()} cores")
+        run_configs(entries, folder, run_id=run_id, peak_flops=peak, peak_flops_source=peak_src,
+                    timeout_s=args.sweep.config_timeout_s, console=console, title=title)
+    except KeyboardInterrupt:
+        print(f"parallab sweep: the finished rows are in {folder.results}; run the rest with "
+              f"parallab sweep --resume {folder.root}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        lock.release()
     from parallab.report import build_reports, print_summary
     from parallab.bench.result import read_rows
 

@@ -63,7 +63,7 @@ def train_row(*, spec, args, trainer, gathered: dict, verify: dict, machine: dic
         run_id=spec.run_id, config_id=spec.config_id, mode="train", status="ok",
         timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         strategy=p.strategy, schedule=(p.schedule if uses_pipeline(p.strategy) else None),
-        devices=p.devices, nodes=len(machine.get("hosts") or [None]), threads_per_device=args.runtime.threads_per_device,
+        devices=p.devices, nodes=len(hosts), threads_per_device=args.runtime.threads_per_device,
         oversubscribed=oversubscribed, dp_degree=dims.dp, pp_degree=dims.pp, tp_degree=dims.tp,
         fsdp_degree=dims.dp_shard, model=args.model.name, preset=args.model.preset,
         n_params=trainer.n_params, flops_per_token=flops_per_token,

@@ -85,6 +85,22 @@ def run_ids(rows: Iterable[dict[str, Any]]) -> str:
     return ", ".join(ids) if ids else "(no run id)"
 
 
+def model_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """'Model hf-llama tiny: 1,234,567 parameters, 12.3 GFLOP per training sample ...', one
+    line per model of the rows (FLOPs counted on the meta device, models/flops.py)."""
+    out = []
+    for model, preset in sorted({(text(r.get("model")), text(r.get("preset"))) for r in rows
+                                 if r.get("model") and r.get("n_params")}):
+        row = next(r for r in rows if text(r.get("model")) == model and text(r.get("preset")) == preset
+                   and r.get("n_params"))
+        line = f"Model {model} {preset}: {fmt_num(row['n_params'])} parameters"
+        if row.get("flops_per_sample"):
+            line += (f", {fmt_num(row['flops_per_sample'] / 1e9)} GFLOP per training sample "
+                     "(forward + backward, counted by torch's FlopCounterMode)")
+        out.append(line + ".")
+    return out
+
+
 def notes(rows: list[dict[str, Any]]) -> list[str]:
     """The explanations every report carries (shared with the HTML)."""
     over = sorted({text(r.get("config_id")) for r in rows if r.get("oversubscribed")})
@@ -94,6 +110,7 @@ def notes(rows: list[dict[str, Any]]) -> list[str]:
     mem_src = sorted({str(r["mem_source"]) for r in rows if r.get("mem_source")})
     out = [OVERSUBSCRIBED_NOTE + (f" Oversubscribed here: {', '.join(over)}." if over
                                   else " No configuration of this sweep was oversubscribed.")]
+    out += model_notes(rows)
     out.append("Step time: wall clock of a whole training/inference step, the maximum over ranks; "
                f"median and 90th percentile over {'/'.join(timed) or '?'} timed steps after "
                f"{'/'.join(warm) or '?'} warm-up steps. samples/s uses the global batch.")

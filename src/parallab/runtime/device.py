@@ -115,6 +115,94 @@ def gpu_topology() -> str | None:
         return None
 
 
+# Link kinds in `nvidia-smi topo -m`, nearest first: PCIe through one switch (PIX), several
+# switches (PXB), the host bridge (PHB), within a NUMA node (NODE), across sockets (SYS).
+PCIE_LINKS = ("PIX", "PXB", "PHB", "NODE", "SYS")
+
+
+def summarize_gpu_topology(text: str | None) -> str | None:
+    """A short summary of an `nvidia-smi topo -m` matrix: 'NV18 between all GPUs',
+    'PCIe (PHB/SYS)', 'NVLink on 4 of 6 GPU pairs (NV12), PCIe (SYS) on the rest'."""
+    import re
+
+    if not text:
+        return None
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # colour codes of some versions
+    lines = [l.split() for l in text.splitlines() if l.strip()]
+    header = next((l for l in lines if l and l[0] == "GPU0"), None)
+    if header is None:
+        return None
+    n = sum(1 for tok in header if re.fullmatch(r"GPU\d+", tok))
+    rows = {l[0]: l[1:1 + n] for l in lines[lines.index(header) + 1:]
+            if re.fullmatch(r"GPU\d+", l[0]) and len(l) > n}
+    if n <= 1:
+        return "1 GPU" if n == 1 else None
+    links = [rows.get(f"GPU{i}", [None] * n)[j] for i in range(n) for j in range(i + 1, n)]
+    links = [l for l in links if l]
+    nv = sorted({l for l in links if l.startswith("NV")}, key=lambda l: (len(l), l))
+    pcie = [k for k in PCIE_LINKS if k in links]
+    n_nv = sum(1 for l in links if l.startswith("NV"))
+    if nv and n_nv == len(links):
+        return f"{nv[0]} between all GPUs" if len(nv) == 1 else f"NVLink between all GPUs ({'/'.join(nv)})"
+    if not nv:
+        return f"PCIe ({'/'.join(pcie)})" if pcie else None
+    return (f"NVLink on {n_nv} of {len(links)} GPU pairs ({'/'.join(nv)}), "
+            f"PCIe ({'/'.join(pcie) or '?'}) on the rest")
+
+
+def route_interface(ip: str) -> str | None:
+    """The network interface of this machine's route to ``ip``: `ip route get`, else the
+    longest matching prefix in /proc/net/route (IPv4)."""
+    import ipaddress
+    import re
+
+    try:
+        out = subprocess.run(["ip", "route", "get", ip], capture_output=True, text=True, timeout=3)
+        m = re.search(r"\bdev\s+(\S+)", out.stdout)
+        if out.returncode == 0 and m:
+            return m.group(1)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    try:
+        addr = ipaddress.ip_address(ip)
+        if addr.is_loopback:
+            return "lo"
+        best = None
+        for line in Path("/proc/net/route").read_text().splitlines()[1:]:
+            f = line.split()
+            if len(f) < 8:
+                continue
+            # Destination and mask are little-endian hex.
+            dest, mask = (int.from_bytes(bytes.fromhex(x), "little") for x in (f[1], f[7]))
+            if int(addr) & mask == dest and (best is None or mask > best[0]):
+                best = (mask, f[0])
+        return best[1] if best else None
+    except (OSError, ValueError):
+        return None
+
+
+def network_interface(backend: str | None = None) -> str | None:
+    """The interface inter-node traffic uses, and why: the one NCCL_SOCKET_IFNAME or
+    GLOO_SOCKET_IFNAME names (the backend's own variable first), else the interface of the
+    route to the rendezvous host (the loopback on one node)."""
+    names = ["NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"]
+    if backend == "gloo":
+        names.reverse()
+    for var in names:
+        if os.environ.get(var):
+            return f"{os.environ[var]} ({var})"
+    from parallab.runtime.nodes import ENV_RDZV_ENDPOINT, parse_endpoint
+
+    endpoint = os.environ.get(ENV_RDZV_ENDPOINT)  # set by parallab's multi-node launcher
+    host = parse_endpoint(endpoint)[0] if endpoint else os.environ.get("MASTER_ADDR", "127.0.0.1")
+    try:
+        ip = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0]
+    except OSError:
+        return None
+    iface = route_interface(ip)
+    return f"{iface} (route to {ip})" if iface else None
+
+
 @lru_cache(maxsize=1)
 def git_revision() -> str | None:
     here = Path(__file__).resolve().parent
@@ -130,12 +218,19 @@ def git_revision() -> str | None:
         return None
 
 
-def machine_info() -> dict:
-    """The machine fields of a result row."""
+def machine_info(hosts: list[str] | None = None) -> dict:
+    """The machine fields of a result row, as rank 0 sees them; ``hosts``: every node's host
+    name in node order (``runtime.nodes.gather_hosts``, a collective), default this one."""
     import parallab
+    from parallab.runtime.nodes import ENV_NODE_RANK, node_layout_env
 
+    _, group_rank, per_node = node_layout_env()
     info = {
         "hostname": socket.gethostname(),
+        "hosts": list(hosts) if hosts else [socket.gethostname()],
+        "node_rank": int(os.environ.get(ENV_NODE_RANK, group_rank)),
+        "devices_per_node": per_node if "LOCAL_WORLD_SIZE" in os.environ else None,
+        "network_interface": network_interface("nccl" if torch.cuda.is_available() else "gloo"),
         "cpu_model": cpu_model(),
         "cpu_cores": cpu_cores(),
         "torch_version": torch.__version__,
@@ -146,6 +241,8 @@ def machine_info() -> dict:
     if torch.cuda.is_available():
         info["device_type"] = "cuda"
         info["device_name"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+        info["gpu_topology"] = summarize_gpu_topology(gpu_topology())
     else:
         info["device_type"] = "cpu"
         info["device_name"] = f"CPU process ({cpu_model()})"
@@ -168,6 +265,7 @@ def describe_devices() -> dict:
         env["cuda_version"] = torch.version.cuda
         env["nccl_version"] = ".".join(map(str, torch.cuda.nccl.version()))
         env["gpu_topology"] = gpu_topology()
+        env["gpu_topology_summary"] = summarize_gpu_topology(env["gpu_topology"])
     env["gpus"] = gpus
     env["distributed_available"] = torch.distributed.is_available()
     env["gloo_available"] = torch.distributed.is_gloo_available()

@@ -59,6 +59,11 @@ def init_distributed(*, backend: str = "auto", timeout_s: float = 300.0,
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world))
         kwargs = {"device_id": device} if backend == "nccl" else {}
+        from parallab.runtime.faults import attempt_store
+
+        store = attempt_store(timeout_s)  # after a torchrun restart: keys of this attempt only
+        if store is not None:
+            kwargs.update(store=store, rank=rank, world_size=world)
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
 
