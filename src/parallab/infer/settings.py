@@ -116,6 +116,8 @@ def validate_infer(args: InferArgs, *, check_budget: bool = True, check_output: 
     try:
         family = get_family(m.name)
         cfg = family.config(m.preset, m.overrides())
+        if hasattr(family, "check") and p.strategy in INFER_STRATEGIES:
+            family.check(cfg, mode="infer", parallel=p)  # the family's refusals (models/*.py)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     n = p.devices
