@@ -30,8 +30,15 @@ def debug_sweep(tmp_path_factory):
 
 def test_sweep_writes_every_key_and_the_reports(debug_sweep):
     run, proc = debug_sweep
-    rows = [json.loads(l) for l in (run / "results.jsonl").read_text().splitlines()]
+    all_rows = [json.loads(l) for l in (run / "results.jsonl").read_text().splitlines()]
+    rows = [r for r in all_rows if r["mode"] == "train"]
     assert [r["config_id"] for r in rows] == ["single-1", "ddp-2", "pipeline-1f1b-m2-2", "pipeline-naive-2"]
+    infer = [r for r in all_rows if r["mode"] == "infer"]
+    assert sorted({r["config_id"] for r in infer}) == ["infer-pipeline-m2-2", "infer-replicas-2",
+                                                        "infer-single-1", "infer-tp-2"]
+    for row in infer:
+        assert set(ROW_KEYS) <= set(row) and row["status"] == "ok", row["reason"]
+        assert row["verify_status"] in ("reference", "pass")
     for row in rows:
         assert set(ROW_KEYS) <= set(row), set(ROW_KEYS) - set(row)
         assert row["status"] == "ok", row["reason"]
@@ -169,7 +176,7 @@ def test_a_failing_configuration_is_recorded_and_the_sweep_goes_on(tmp_path):
     the next configuration still runs and the report is still written."""
     proc = parallab("sweep", "--config", ROOT / "configs/debug.toml", "--runtime.out-dir", tmp_path,
                     "--runtime.run-id", "fail", "--sweep.config-timeout-s", "1",
-                    "--sweep.strategies", "ddp", "--sweep.device-counts", "2")
+                    "--sweep.strategies", "ddp", "--sweep.device-counts", "2", "--sweep.modes", "train")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(l) for l in (tmp_path / "fail/results.jsonl").read_text().splitlines()]
     assert [r["config_id"] for r in rows] == ["single-1", "ddp-2"]
