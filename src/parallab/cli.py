@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -118,7 +119,16 @@ def cmd_train(args: TrainArgs) -> int:
 
     peak, src = peak_flops_for(args, folder)
     # Several nodes may share the folder: only node 0 (the one writer) takes its lock.
-    with RunLock(folder.root) if writes_results(args.runtime) else contextlib.nullcontext():
+    # The sweep's live view with one entry: the current step and throughput while it runs.
+    from rich.live import Live
+
+    from parallab.bench.sweep import Entry, SweepView
+    from parallab.config import config_id
+
+    entry = Entry(config_id(args), args, state="running", started=time.perf_counter())
+    with RunLock(folder.root) if writes_results(args.runtime) else contextlib.nullcontext(), \
+            Live(SweepView([entry], f"parallab train {run_id}", folder), refresh_per_second=2,
+                 transient=True):
         row = launch(args, folder, run_id=run_id, reference=None, save_reference=False,
                      peak_flops=peak, peak_flops_source=src, timeout_s=24 * 3600)
     if writes_results(args.runtime):  # several nodes: node 0 only
