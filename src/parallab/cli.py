@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -154,21 +153,10 @@ def cmd_train(args: TrainArgs) -> int:
 
 def _train_inside_torchrun(args: TrainArgs) -> int:
     """A worker inside a torchrun the user started: every rank runs the same command."""
-    from parallab.bench.launch import RunFolder
-    from parallab.config import config_id, to_dict
-    from parallab.worker import WorkerSpec, run_worker
+    from parallab.config import config_id
+    from parallab.worker import inside_user_torchrun, run_worker
 
-    run_id = args.runtime.run_id or f"torchrun-{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}"
-    folder = RunFolder(Path(args.runtime.out_dir) / run_id).create()
-    cid = config_id(args)
-    spec = WorkerSpec(args=to_dict(args), run_id=run_id, config_id=cid,
-                      result_path=str(folder.root / "rows" / f"{cid}.json"), cache_dir=str(folder.cache))
-    rc = run_worker(spec)
-    if rc == 0 and os.environ.get("RANK", "0") == "0":
-        from parallab.bench.result import append_row
-
-        append_row(folder.results, json.loads(Path(spec.result_path).read_text()))
-    return rc
+    return inside_user_torchrun(args, config_id(args), run_worker)
 
 
 def cmd_infer(args: InferArgs) -> int:

@@ -39,12 +39,49 @@ class WorkerSpec:
         return cls(**json.loads(Path(path).read_text()))
 
 
-def run_worker(spec: WorkerSpec) -> int:
+def start_rank(args):
+    """Join the process group torchrun prepared; check it has the configured size. CPU ranks
+    use deterministic kernels (exact resume and bitwise-repeatable references)."""
     import torch
+
+    from parallab.runtime.dist import init_distributed
+
+    info = init_distributed(backend=args.runtime.backend, timeout_s=args.runtime.collective_timeout_s,
+                            threads=args.runtime.threads_per_device)
+    if info.world_size != args.parallel.devices:
+        from parallab.runtime.dist import shutdown
+
+        shutdown()
+        raise ValueError(f"parallel.devices={args.parallel.devices} but torchrun started "
+                         f"{info.world_size} processes")
+    torch.use_deterministic_algorithms(info.device.type == "cpu", warn_only=True)
+    return info
+
+
+def inside_user_torchrun(args, cid: str, run) -> int:
+    """Run as a rank of a torchrun the user started (every rank runs the same command): the
+    same spec a launcher would write; rank 0 appends the row(s) to the run's results."""
+    from parallab.bench.launch import RunFolder
+    from parallab.bench.result import append_row
+    from parallab.config import to_dict
+
+    run_id = args.runtime.run_id or f"torchrun-{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}"
+    folder = RunFolder(Path(args.runtime.out_dir) / run_id).create()
+    spec = WorkerSpec(args=to_dict(args), run_id=run_id, config_id=cid,
+                      result_path=str(folder.root / "rows" / f"{cid}.json"), cache_dir=str(folder.cache))
+    rc = run(spec)
+    if rc == 0 and os.environ.get("RANK", "0") == "0":
+        result = json.loads(Path(spec.result_path).read_text())
+        for row in result if isinstance(result, list) else [result]:
+            append_row(folder.results, row)
+    return rc
+
+
+def run_worker(spec: WorkerSpec) -> int:
 
     from parallab.metrics.processor import train_row
     from parallab.runtime.device import gpu_peak_flops, machine_info
-    from parallab.runtime.dist import get_logger, init_distributed, shutdown
+    from parallab.runtime.dist import get_logger, shutdown
     from parallab.runtime.faults import ProgressBoard, restart_count
     from parallab.runtime.nodes import gather_hosts, ranks_agree, share_from_rank0, writes_row_file
     from parallab.train.checkpoint import Checkpointing, checkpoint_dir_for
@@ -52,14 +89,9 @@ def run_worker(spec: WorkerSpec) -> int:
     from parallab.train.verify import compare_to_reference, save_reference, tolerance
 
     args = from_dict(TrainArgs, spec.args)
-    info = init_distributed(backend=args.runtime.backend, timeout_s=args.runtime.collective_timeout_s,
-                            threads=args.runtime.threads_per_device)
+    info = start_rank(args)
     log = get_logger()
     try:
-        if info.world_size != args.parallel.devices:
-            raise ValueError(f"parallel.devices={args.parallel.devices} but torchrun started "
-                             f"{info.world_size} processes")
-        torch.use_deterministic_algorithms(info.device.type == "cpu", warn_only=True)
         trainer = Trainer.build(args, info, cache_dir=Path(spec.cache_dir))
         log.info("%s: %s, %d parameters, %d device(s), %s", spec.config_id, args.model.preset,
                  trainer.n_params, info.world_size, info.backend)

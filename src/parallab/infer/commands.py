@@ -8,13 +8,11 @@ several rows (one per workload and batch size), appended to results.jsonl as soo
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from rich.console import Console
 
 from parallab.bench.launch import RunFolder, failure_reason, run_torchrun, torchrun_command
-from parallab.bench.result import append_row
 from parallab.config import InferArgs, to_dict
 from parallab.infer.rows import failed_rows
 from parallab.infer.settings import infer_config_id, validate_infer
@@ -84,14 +82,6 @@ def cmd_infer(args: InferArgs) -> int:
 def _infer_inside_torchrun(args: InferArgs) -> int:
     """Every rank of a torchrun the user started runs the same command."""
     from parallab.infer.worker import run_infer_worker
+    from parallab.worker import inside_user_torchrun
 
-    run_id = args.runtime.run_id or f"torchrun-{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}"
-    folder = RunFolder(Path(args.runtime.out_dir) / run_id).create()
-    cid = infer_config_id(args)
-    spec = WorkerSpec(args=to_dict(args), run_id=run_id, config_id=cid,
-                      result_path=str(folder.root / "rows" / f"{cid}.json"), cache_dir=str(folder.cache))
-    rc = run_infer_worker(spec)
-    if rc == 0 and os.environ.get("RANK", "0") == "0":
-        for row in json.loads(Path(spec.result_path).read_text()):
-            append_row(folder.results, row)
-    return rc
+    return inside_user_torchrun(args, infer_config_id(args), run_infer_worker)

@@ -11,7 +11,7 @@ import traceback
 from pathlib import Path
 
 from parallab.config import InferArgs, from_dict
-from parallab.worker import WorkerSpec
+from parallab.worker import WorkerSpec, start_rank
 
 
 def serve(engine, args: InferArgs, base: dict) -> list[dict]:
@@ -81,24 +81,18 @@ def serve(engine, args: InferArgs, base: dict) -> list[dict]:
 
 
 def run_infer_worker(spec: WorkerSpec) -> int:
-    import torch
 
     from parallab.infer.engine import InferEngine
     from parallab.infer.rows import base_fields
     from parallab.infer.verify import run_verification
     from parallab.models.registry import get_family
     from parallab.runtime.device import gpu_peak_flops, machine_info
-    from parallab.runtime.dist import get_logger, init_distributed, shutdown
+    from parallab.runtime.dist import get_logger, shutdown
 
     args = from_dict(InferArgs, spec.args)
-    info = init_distributed(backend=args.runtime.backend, timeout_s=args.runtime.collective_timeout_s,
-                            threads=args.runtime.threads_per_device)
+    info = start_rank(args)
     log = get_logger()
     try:
-        if info.world_size != args.parallel.devices:
-            raise ValueError(f"parallel.devices={args.parallel.devices} but torchrun started "
-                             f"{info.world_size} processes")
-        torch.use_deterministic_algorithms(info.device.type == "cpu", warn_only=True)
         s = args.infer
         family = get_family(args.model.name)
         cfg = family.config(args.model.preset, args.model.overrides())
