@@ -23,7 +23,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 # (label, parallab strategy, devices, raw mode)
-CASES = [("single", "single", 1, "single"), ("ddp", "ddp", 2, "ddp"), ("1f1b", "pipeline", 2, "1f1b")]
+CASES = [("single", "single", 1, "single"), ("ddp", "ddp", 2, "ddp"), ("fsdp", "fsdp", 2, "fsdp"),
+         ("tp", "tp", 2, "tp"), ("1f1b", "pipeline", 2, "1f1b")]
 
 
 def run_parallab(strategy: str, devices: int, a, out: Path) -> float:
@@ -69,15 +70,18 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=9)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--cases", nargs="*", default=[c[0] for c in CASES],
+                    help="which strategies (single is always run: the speedups need it)")
     ap.add_argument("--out", default=str(HERE / "results"))
     a = ap.parse_args()
 
     from parallab.runtime.device import machine_info
 
-    results: dict[str, dict[str, list[float]]] = {c[0]: {"parallab": [], "raw": []} for c in CASES}
+    cases = [c for c in CASES if c[0] == "single" or c[0] in a.cases]
+    results: dict[str, dict[str, list[float]]] = {c[0]: {"parallab": [], "raw": []} for c in cases}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
-            for label, strategy, devices, mode in CASES:
+            for label, strategy, devices, mode in cases:
                 # Alternate which goes first each round, so neither always runs on a warmer machine.
                 order = [("parallab", lambda: run_parallab(strategy, devices, a, Path(tmp))),
                          ("raw", lambda: run_raw(mode, devices, a))]
@@ -89,11 +93,11 @@ def main() -> int:
     med = {k: {n: statistics.median(v) for n, v in d.items()} for k, d in results.items()}
     lines = ["| strategy | devices | parallab samples/s | hand-written samples/s | parallab / hand-written |",
              "|---|---|---|---|---|"]
-    for label, _, devices, _ in CASES:
+    for label, _, devices, _ in cases:
         p, raw = med[label]["parallab"], med[label]["raw"]
         lines.append(f"| {label} | {devices} | {p:.2f} | {raw:.2f} | {p / raw:.3f} |")
     speedups = {f"{label} speedup at 2 devices": {n: med[label][n] / med["single"][n] for n in ("parallab", "raw")}
-                for label, _, d, _ in CASES if d == 2}
+                for label, _, d, _ in cases if d == 2}
     lines += ["", "| 2-device speedup over 1 device | parallab | hand-written |", "|---|---|---|"]
     for k, v in speedups.items():
         lines.append(f"| {k.split()[0]} | {v['parallab']:.2f}x | {v['raw']:.2f}x |")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", choices=["single", "ddp", "1f1b", "gpipe"], required=True)
+    ap.add_argument("--mode", choices=["single", "ddp", "fsdp", "tp", "1f1b", "gpipe"], required=True)
     ap.add_argument("--preset", default="small")
     ap.add_argument("--global-batch", type=int, default=16)
     ap.add_argument("--microbatches", type=int, default=8)
@@ -43,7 +43,7 @@ def main() -> None:
     cfg = GPT_PRESETS[a.preset]
     torch.manual_seed(0)
     model = GPT(cfg)
-    local_batch = a.global_batch // (world if a.mode == "ddp" else 1)
+    local_batch = a.global_batch // (world if a.mode in ("ddp", "fsdp") else 1)
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, cfg.vocab_size, (local_batch, cfg.seq_len), generator=g)
     y = torch.randint(0, cfg.vocab_size, (local_batch, cfg.seq_len), generator=g)
@@ -52,8 +52,35 @@ def main() -> None:
         return F.cross_entropy(logits.flatten(0, 1), target.flatten(0, 1))
 
     schedule = None
+    loss_ctx = None
     if a.mode == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+    elif a.mode == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for block in model.layers.values():
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    elif a.mode == "tp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, loss_parallel,
+                                                       parallelize_module)
+
+        mesh = init_device_mesh("cpu", (world,))
+        plan = {"output": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)}
+        for i in model.layers:
+            plan.update({f"layers.{i}.attn.wq": ColwiseParallel(), f"layers.{i}.attn.wk": ColwiseParallel(),
+                         f"layers.{i}.attn.wv": ColwiseParallel(), f"layers.{i}.attn.wo": RowwiseParallel(),
+                         f"layers.{i}.mlp.w1": ColwiseParallel(), f"layers.{i}.mlp.w2": RowwiseParallel()})
+        plan["tok_emb"] = RowwiseParallel(input_layouts=Replicate())
+        parallelize_module(model, mesh, plan)
+        # Norms and the position embedding stay whole on every rank: their gradients are
+        # partial sums of the sequence-replicated activations and need no reduction here
+        # because the row-wise layers already all-reduce the residual stream.
+        loss_ctx = loss_parallel
     elif a.mode in ("1f1b", "gpipe"):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
@@ -70,12 +97,22 @@ def main() -> None:
         stage = PipelineStage(model, rank, world, torch.device("cpu"))
         cls = Schedule1F1B if a.mode == "1f1b" else ScheduleGPipe
         schedule = cls(stage, n_microbatches=a.microbatches, loss_fn=loss_fn)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    # foreach kernels take tensors of one kind: sharded (DTensor) and plain parameters of the
+    # tensor-parallel model get an optimizer each.
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    groups = [g for g in ([p for p in params if isinstance(p, DTensor)],
+                          [p for p in params if not isinstance(p, DTensor)]) if g]
+    opts = [torch.optim.AdamW(g, lr=1e-3, foreach=True) for g in groups]
 
     times = []
     for step in range(a.steps):
         t0 = time.perf_counter()
-        if schedule is None:
+        if schedule is None and loss_ctx is not None:
+            with loss_ctx():
+                loss_fn(model(x), y).backward()
+        elif schedule is None:
             loss_fn(model(x), y).backward()
         elif rank == 0:
             schedule.step(x, target=y if world == 1 else None)
@@ -83,8 +120,9 @@ def main() -> None:
             schedule.step(target=y)
         else:
             schedule.step()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
     timed = torch.tensor(times[a.warmup:], dtype=torch.float64)
     if world > 1:
