@@ -1,0 +1,119 @@
+"""Predicted against measured on this machine: real training runs (torchrun, gloo, one thread
+per device) of every strategy at 1 and 2 devices, and the planner's prediction for each
+(plan/predict.py: compute rate calibrated on the same round's 1-device run, links from the
+measured machine profile). Prints one table of peak memory and step time with their errors.
+
+    .venv/bin/python benchmarks/plan_vs_measured.py --preset small --rounds 2
+
+Rounds run the whole list again, in turn, so that a burst of load on a shared machine hits
+every configuration alike; each configuration's step time is the median over rounds of its
+per-round median. The 1-minute load average is printed before and after: a number measured on
+a machine busier than its core count says more about the neighbours than about the strategy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from parallab.bench.launch import RunFolder, launch
+from parallab.config import (DataSection, ModelSection, ParallelSection, RuntimeSection, TrainArgs,
+                             TrainSection, config_id, validate_train)
+from parallab.plan.predict import predict_for_row
+from parallab.plan.profiles import cpu_profile, load_machine_profile
+
+CONFIGS = [  # strategy, devices, extra parallel settings
+    ("single", 1, {}),
+    ("ddp", 2, {}),
+    ("fsdp", 2, {}),
+    ("fsdp", 2, {"fsdp_reshard_after_forward": False}),
+    ("tp", 2, {}),
+    ("pipeline", 2, {"schedule": "gpipe", "microbatches": 1}),
+    ("pipeline", 2, {"schedule": "gpipe", "microbatches": 4}),
+    ("pipeline", 2, {"schedule": "1f1b", "microbatches": 4}),
+    ("pipeline", 2, {"schedule": "1f1b", "microbatches": 8}),
+    ("pipeline", 2, {"schedule": "interleaved1f1b", "microbatches": 4}),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--global-batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--only", default="", help="comma-separated config ids to keep (plus single-1)")
+    ap.add_argument("--out", default="runs/plan-vs-measured")
+    a = ap.parse_args()
+    out = Path(a.out)
+    cache = out / ".cache"
+    if "links" not in load_machine_profile(cache):
+        from parallab.commbench import run_comm_bench
+
+        run_comm_bench(devices=2, sizes=tuple(4096 * 4**i for i in range(7)), iters=5, warmup=2,
+                       out_dir=str(out), cache_dir=cache, plot=False)
+    cpu_profile(cache)  # the compute probe, once
+    base = TrainArgs(model=ModelSection(preset=a.preset), data=DataSection(global_batch=a.global_batch),
+                     parallel=ParallelSection(), train=TrainSection(steps=a.steps, warmup_steps=2),
+                     runtime=RuntimeSection(out_dir=str(out)))
+    configs = []
+    for strategy, n, extra in CONFIGS:
+        par = dataclasses.replace(base.parallel, strategy=strategy, devices=n, **extra)
+        c = dataclasses.replace(base, parallel=par)
+        if a.only and config_id(c) not in a.only.split(",") and strategy != "single":
+            continue
+        validate_train(c)
+        configs.append(c)
+    load_before = os.getloadavg()[0]
+    rounds: list[dict[str, dict]] = []
+    for r in range(a.rounds):
+        run_id = f"{a.preset}-{time.strftime('%Y%m%d-%H%M%S')}-r{r}"
+        folder = RunFolder(out / run_id).create()
+        rows = {}
+        for c in configs:
+            row = launch(c, folder, run_id=run_id, reference=None, save_reference=False, peak_flops=None,
+                         peak_flops_source=None, timeout_s=1800)
+            rows[row["config_id"]] = row
+        baseline = rows.get("single-1")
+        for row in rows.values():
+            if row["status"] == "ok":
+                row.update(predict_for_row(row, baseline, cache_dir=cache))
+        (folder.root / "rows.json").write_text(json.dumps(rows, default=str, indent=1))
+        rounds.append(rows)
+    load_after = os.getloadavg()[0]
+    table = Table(title=f"predicted vs measured: {a.preset}, global batch {a.global_batch}, "
+                        f"{a.rounds} round(s), load average {load_before:.1f} -> {load_after:.1f} "
+                        f"on {os.cpu_count()} cores", title_justify="left")
+    for col in ("configuration", "peak MiB", "pred MiB", "mem err", "step s (median)", "min..max", "pred s", "time err"):
+        table.add_column(col, justify="left" if col == "configuration" else "right")
+    summary = []
+    for cid in rounds[0]:
+        ok = [rs[cid] for rs in rounds if rs[cid]["status"] == "ok"]
+        if not ok:
+            table.add_row(cid, rounds[0][cid]["status"], "", "", "", "", "", "")
+            continue
+        step = statistics.median(r["step_time_median_s"] for r in ok)
+        pred = statistics.median(r["pred_step_time_s"] for r in ok)
+        mem, pmem = ok[0]["peak_mem_bytes"], ok[0]["pred_peak_mem_bytes"]
+        lo = min(r["step_time_min_s"] for r in ok)
+        hi = max(r["step_time_max_s"] for r in ok)
+        summary.append({"config_id": cid, "peak_mem_bytes": mem, "pred_peak_mem_bytes": pmem,
+                        "mem_err": pmem / mem - 1, "step_time_s": step, "pred_step_time_s": pred,
+                        "time_err": pred / step - 1})
+        table.add_row(cid, f"{mem / 2**20:.1f}", f"{pmem / 2**20:.1f}", f"{pmem / mem - 1:+.1%}",
+                      f"{step:.4g}", f"{lo:.3g}..{hi:.3g}", f"{pred:.4g}", f"{pred / step - 1:+.1%}")
+    Console(width=160).print(table)
+    (out / f"summary-{a.preset}.json").write_text(json.dumps(
+        {"load_before": load_before, "load_after": load_after, "rows": summary}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

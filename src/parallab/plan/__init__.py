@@ -1,0 +1,12 @@
+"""Memory and performance model: what fits, what is fastest, calibrated by measurement.
+
+    shapes.py    parameter counts from the model on the meta device; byte sizes
+    memory.py    memory per device of a training step, replayed allocation by allocation
+    profiles.py  device and interconnect profiles (built-in GPUs, this machine measured)
+    speed.py     step time: compute, alpha-beta communication, bubble, overlap
+    planner.py   every strategy and mix on N devices, ranked
+    render.py    rich table, markdown, JSON
+    predict.py   predicted against measured for a result row
+    budget.py    runtime.device_memory on real runs
+    commands.py  ``parallab plan`` and ``parallab bench-comm`` (settings and functions)
+"""

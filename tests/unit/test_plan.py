@@ -1,0 +1,300 @@
+"""The planner: memory model against TensorMemoryTracker on one process, bus-bandwidth
+arithmetic, the 7b plan without allocating, bad inputs, the budget and the comm-bench output."""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from parallab.config import ConfigError, DataSection, ModelSection, RuntimeSection, TrainArgs, TrainSection, validate_train
+from parallab.plan.budget import DoesNotFit, MemoryBudget, budget_fields
+from parallab.plan.memory import Layout, Precision, step_memory
+from parallab.plan.planner import plan
+from parallab.plan.predict import PRED_KEYS, predict_for_row
+from parallab.plan.profiles import BUILTIN, Link, bus_factor, fit_alpha_beta, get_profile
+from parallab.plan.shapes import model_shape, parse_bytes
+
+
+# ---------------------------------------------------------------- memory model vs the tracker
+
+
+def _tracked_single_step(preset: str, global_batch: int, *, first: bool) -> dict:
+    """One training step of the single-device trainer under TensorMemoryTracker, with the
+    parameter, gradient and optimizer-state bytes alive at the peak told apart."""
+    from parallab.metrics.memory import TensorMemoryTracker, _storages
+    from parallab.runtime.dist import DistInfo
+    from parallab.train.trainer import Trainer
+
+    args = TrainArgs(model=ModelSection(preset=preset), data=DataSection(global_batch=global_batch),
+                     train=TrainSection(steps=3, warmup_steps=2))
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    tr = Trainer.build(args, info, cache_dir=Path("/nonexistent-cache"))
+    if not first:
+        tr.step(0)  # the trainer tracks its second step: optimizer state exists
+
+    class PeakSnapshot(TensorMemoryTracker):
+        peak_op = ""
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            before = self.peak
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            if self.peak > before:
+                self.peak_op = str(func)
+            return out
+
+    params = list(tr.par.parameters())
+    states = lambda: [v for st in tr.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    with PeakSnapshot({"params": params, "optim": states()}) as t:
+        x, y = tr.data.batch(1, rank=0, world=1)
+        logits = tr.par.module(x)
+        loss = tr.family.loss(logits, y)
+        loss.backward()
+        tr.optimizer.step()
+        tr.optimizer.zero_grad(set_to_none=True)
+        del logits, loss
+    return {"peak": t.peak, "params": sum(st.nbytes() for st in _storages(params)),
+            "optimizer": sum(st.nbytes() for st in _storages(states())),
+            "peak_op": t.peak_op}
+
+
+@pytest.mark.parametrize("preset,batch,first", [("debug", 8, False), ("debug", 16, True),
+                                                ("small", 4, False), ("small", 8, True)])
+def test_memory_model_matches_tracker_single(preset, batch, first):
+    measured = _tracked_single_step(preset, batch, first=first)
+    shape = model_shape("gpt", preset)
+    m = step_memory(shape, Layout("single", 1), global_batch=batch, tracked=True, first_step=first)
+    # Parameters and optimizer state: exact (two fp32 states per parameter + AdamW's step scalars).
+    assert m.params == measured["params"]
+    if m.optimizer:
+        assert m.optimizer == measured["optimizer"]
+    # The rest (gradients, activations, temporaries) and the whole peak: within 2 %.
+    assert m.tracked_total == pytest.approx(measured["peak"], rel=0.02), m.as_dict()
+    dynamic = measured["peak"] - measured["params"] - (measured["optimizer"] if m.optimizer else 0)
+    assert m.grads + m.activations + m.temporary == pytest.approx(dynamic, rel=0.03), m.as_dict()
+    # Where the peak is: in the optimizer step (foreach AdamW) or in backward.
+    in_optimizer = measured["peak_op"].startswith("aten._foreach")
+    assert (m.phase == "optimizer step") == in_optimizer, (m.phase, measured["peak_op"])
+
+
+def test_activation_formula_per_block():
+    """Two more blocks add two blocks' saved activations (16 D values per token each, plus
+    the attention log-sum-exp and the norms' statistics) to the backward peak."""
+    batch = 8
+    a = _tracked_single_step("debug", batch, first=False)
+    shape4 = model_shape("gpt", "debug")
+    m4 = step_memory(shape4, Layout("single", 1), global_batch=batch, tracked=True)
+    assert m4.phase.startswith("backward")
+    n = batch * shape4.seq_len
+    block = 16 * n * shape4.d_model * 4 + n * shape4.n_heads * 4 + 4 * n * 4
+    shape2 = model_shape("gpt", "debug", {"n_layers": 2})
+    m2 = step_memory(shape2, Layout("single", 1), global_batch=batch, tracked=True)
+    assert m4.activations - m2.activations == block * 2
+    assert m4.tracked_total == pytest.approx(a["peak"], rel=0.02)
+
+
+def test_pipeline_and_ddp_memory_shapes():
+    shape = model_shape("gpt", "small")
+    single = step_memory(shape, Layout("single", 1), global_batch=16)
+    ddp = step_memory(shape, Layout("ddp", 2, dp=2), global_batch=16)
+    gpipe = step_memory(shape, Layout("pipeline", 2, pp=2, microbatches=8, schedule="gpipe"), global_batch=16)
+    f1b = step_memory(shape, Layout("pipeline", 2, pp=2, microbatches=8, schedule="1f1b"), global_batch=16)
+    assert ddp.params == single.params and ddp.grads == single.params  # buckets live all step
+    assert ddp.activations < single.activations
+    assert f1b.total < gpipe.total < single.total  # 1F1B holds at most p micro-batches
+    fsdp = step_memory(shape, Layout("fsdp", 4, fsdp=4), global_batch=16)
+    assert fsdp.params == pytest.approx(single.params / 4, rel=0.01)
+    mixed = Precision.for_dtype("bfloat16")
+    assert (mixed.param, mixed.state, mixed.master) == (2, 4, 4)
+
+
+# ---------------------------------------------------------------- bandwidth arithmetic
+
+
+def test_bus_bandwidth_factors():
+    assert bus_factor("all_reduce", 2) == 1.0
+    assert bus_factor("all_reduce", 4) == 1.5
+    assert bus_factor("all_reduce", 8) == 1.75
+    assert bus_factor("all_gather", 4) == 0.75
+    assert bus_factor("reduce_scatter", 8) == 0.875
+    assert bus_factor("send_recv", 8) == 1.0
+    with pytest.raises(ValueError):
+        bus_factor("broadcast", 2)
+
+
+def test_link_time_and_fit():
+    link = Link(alpha_s=10e-6, busbw=100e9)
+    # all-reduce of 1 GB on 8 devices: 3 hops of latency + 1e9 * 1.75 / 1e11
+    assert link.time("all_reduce", 1e9, 8) == pytest.approx(3 * 10e-6 + 0.0175)
+    assert link.time("send_recv", 1e6, 2) == pytest.approx(10e-6 + 1e-5)
+    assert link.time("all_reduce", 1e9, 1) == 0.0
+    sizes = [4096 * 4**i for i in range(6)]
+    times = [Link(50e-6, 2e9).time("all_gather", s, 4) for s in sizes]
+    fit = fit_alpha_beta(sizes, times, "all_gather", 4)
+    assert fit.alpha_s == pytest.approx(50e-6, rel=1e-6)
+    assert fit.busbw == pytest.approx(2e9, rel=1e-6)
+
+
+def test_comm_rows_table_and_plot(tmp_path):
+    from rich.console import Console
+
+    from parallab.commbench import comm_table, fit_rows, plot_comm
+
+    rows = []
+    for coll in ("all_reduce", "send_recv"):
+        for s in (4096, 65536, 1 << 20):
+            t = Link(100e-6, 1e9).time(coll, s, 2)
+            rows.append({"collective": coll, "bytes": s, "world_size": 2, "backend": "gloo", "device_type": "cpu",
+                         "time_s": t, "algbw_Bps": s / t, "busbw_Bps": s / t * bus_factor(coll, 2)})
+    fits = fit_rows(rows)
+    assert fits["all_reduce"]["busbw"] == pytest.approx(1e9, rel=1e-6)
+    console = Console(record=True, width=120)
+    console.print(comm_table(rows, fits))
+    assert "all_reduce" in console.export_text()
+    png = plot_comm(rows, tmp_path / "comm.png")
+    assert png.stat().st_size > 1000
+
+
+# ---------------------------------------------------------------- planning big models
+
+
+def test_plan_7b_is_fast_and_allocates_nothing():
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    shape = model_shape("gpt", "7b")
+    result = plan(shape, devices=[8, 64], profile=get_profile("h100-sxm-nvlink"), global_batch=512)
+    elapsed = time.perf_counter() - t0
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    assert elapsed < 30, elapsed
+    assert grown_mib < 500, grown_mib  # 7b parameters alone would be 27 GiB in fp32
+    assert 6.7e9 < shape.n_params < 7e9
+    rows = {r.strategy: r for r in result.results[64]}
+    assert result.recommended(64) is not None
+    ddp = rows["ddp"].best
+    assert ddp.memory.params == shape.n_params * 2  # bf16 parameters, whole model per device
+    assert not ddp.fits and "does not fit" in rows["ddp"].verdict
+    assert rows["tp"].best is None and "n_heads=32" in rows["tp"].skipped
+    assert rows["pipeline"].best is None and "layers" in rows["pipeline"].skipped
+    rec = result.recommended(64)
+    runner = next(r for r in result.results[64] if r.rank == 2)
+    assert rec.best.time.total_s <= runner.best.time.total_s
+    assert runner.verdict.startswith("runner-up")
+
+
+def test_plan_outputs(tmp_path):
+    from parallab.plan.commands import PlanArgs, cmd_plan
+
+    args = PlanArgs(model=ModelSection(preset="350m"), devices=(1, 8), out_dir=str(tmp_path), run_id="p",
+                    global_batch=64, profile="a100-sxm")
+    assert cmd_plan(args) == 0
+    data = json.loads((tmp_path / "p" / "plan.json").read_text())
+    assert set(data["devices"]) == {"1", "8"}
+    strategies = data["devices"]["8"]["strategies"]
+    assert {s["strategy"] for s in strategies} >= {"ddp", "fsdp", "tp", "pipeline", "fsdp+tp", "pipeline+ddp"}
+    md = (tmp_path / "p" / "plan.md").read_text()
+    assert "Recommended" in md and "Assumptions" in md
+    for s in strategies:
+        if s["best"]:
+            t = s["best"]["time"]
+            assert t["total_s"] == pytest.approx(t["compute_s"] + t["bubble_s"] + t["exposed_comm_s"]
+                                                 + t["optimizer_s"] + t["copies_s"])
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def test_bad_inputs():
+    from parallab.plan.commands import PlanArgs, build_plan
+
+    with pytest.raises(ConfigError, match="unknown device profile 'tpu-v9'.*h100-sxm-nvlink"):
+        build_plan(PlanArgs(profile="tpu-v9"))
+    with pytest.raises(ConfigError, match="-4GiB"):
+        build_plan(PlanArgs(device_memory="-4GiB"))
+    with pytest.raises(ConfigError, match="lots"):
+        build_plan(PlanArgs(device_memory="lots"))
+    with pytest.raises(ConfigError, match="device count 0"):
+        build_plan(PlanArgs(devices=(0,)))
+    with pytest.raises(ConfigError, match="unknown model preset 'huge'"):
+        build_plan(PlanArgs(model=ModelSection(preset="huge")))
+    # tp alone on 3 devices of a 32-head model: nothing can run -> one line naming why.
+    with pytest.raises(ConfigError, match="n_heads=32 is not divisible by tp=3"):
+        build_plan(PlanArgs(devices=(3,), strategies=("tp",)))
+    # ... but with the others allowed, tp is skipped with its reason and the rest are planned.
+    p = build_plan(PlanArgs(model=ModelSection(preset="1b"), devices=(3,), global_batch=48))
+    rows = {r.strategy: r for r in p.results[3]}
+    assert rows["tp"].verdict == "skipped: n_heads=16 is not divisible by tp=3"
+    assert rows["ddp"].best is not None
+    with pytest.raises(ConfigError, match="unknown strategy 'zero9'"):
+        build_plan(PlanArgs(strategies=("zero9",)))
+
+
+def test_parse_bytes():
+    assert parse_bytes("24GiB") == 24 * 2**30
+    assert parse_bytes("64MiB") == 64 * 2**20
+    assert parse_bytes("80GB") == 80 * 10**9
+    assert parse_bytes("1.5 KiB") == 1536
+    assert parse_bytes(1000) == 1000
+    for bad in ("0", "-1GiB", "12 parsecs", "", "GiB"):
+        with pytest.raises(ConfigError):
+            parse_bytes(bad)
+
+
+# ---------------------------------------------------------------- budget and prediction
+
+
+def test_device_memory_setting_is_validated(tmp_path):
+    args = TrainArgs(model=ModelSection(preset="debug"), runtime=RuntimeSection(out_dir=str(tmp_path)))
+    args.runtime.device_memory = "0"
+    with pytest.raises(ConfigError, match="device_memory='0'"):
+        validate_train(args)
+    args.runtime.device_memory = "twelve"
+    with pytest.raises(ConfigError, match="twelve"):
+        validate_train(args)
+    args.runtime.device_memory = "64MiB"
+    validate_train(args)
+
+
+def test_budget_check_on_cpu():
+    from parallab.runtime.dist import DistInfo
+
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    rt = RuntimeSection()
+    rt.device_memory = "1MiB"
+    budget = MemoryBudget.for_run(rt, info)
+    budget.check_tracked(2**20)  # exactly the budget fits
+    with pytest.raises(DoesNotFit, match=r"DoesNotFit: tracked peak 2097152 bytes .*device_memory=1MiB \(1048576 bytes"):
+        budget.check_tracked(2 * 2**20)
+    assert budget_fields(rt, 2**19) == {"device_memory_budget_bytes": 2**20, "fits_budget": True}
+    assert budget_fields(RuntimeSection(), 2**19) == {"device_memory_budget_bytes": None, "fits_budget": None}
+
+
+def test_predict_for_row(tmp_path):
+    from parallab.bench.result import ROW_KEYS
+
+    assert set(PRED_KEYS) <= set(ROW_KEYS)
+    shape = model_shape("gpt", "debug")
+    base = {"status": "ok", "model": "gpt", "preset": "debug", "n_params": shape.n_params, "devices": 1,
+            "strategy": "single", "dp_degree": 1, "pp_degree": 1, "tp_degree": 1, "fsdp_degree": 1,
+            "microbatches": 1, "global_batch": 8, "seq_len": 32, "dtype": "float32", "warmup_steps": 2,
+            "threads_per_device": 1, "device_type": "cpu", "step_time_median_s": 0.01,
+            "peak_mem_bytes": 8204220}
+    cache = tmp_path / "cache"
+    (cache).mkdir()
+    from parallab.runtime.device import cpu_model
+
+    (cache / "machine_profile.json").write_text(json.dumps({
+        "cpu_model": cpu_model(), "torch": torch.__version__,
+        "compute": {"peak_flops": 1e11, "block_overhead_s": 5e-4, "optimizer_s_per_param": 1e-8,
+                    "mem_bandwidth": 5e9}}))
+    p = predict_for_row(base, base, cache_dir=cache)
+    assert p["pred_peak_mem_bytes"] == pytest.approx(8204220, rel=0.01)
+    assert p["pred_step_time_s"] == pytest.approx(0.01, rel=1e-6)  # calibrated on itself
+    ddp = dict(base, strategy="ddp", devices=2, dp_degree=2, step_time_median_s=0.02, peak_mem_bytes=6428092)
+    p = predict_for_row(ddp, base, cache_dir=cache)
+    assert p["pred_peak_mem_err"] == pytest.approx(0, abs=0.01)
+    assert p["pred_step_time_err"] is not None
+    assert predict_for_row(dict(base, n_params=123), base, cache_dir=cache)["pred_peak_mem_bytes"] is None
