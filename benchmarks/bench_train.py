@@ -62,6 +62,20 @@ def run_raw(mode: str, devices: int, a) -> float:
     return json.loads(line)["samples_per_s"]
 
 
+def machine_ceiling(seconds: float = 3.0) -> float:
+    """How much two busy single-threaded processes get done together, relative to one alone
+    (2.0 on two free cores): the best 2-device speedup this machine allows, whatever the tool."""
+    code = ("import time,torch;torch.set_num_threads(1);a=torch.randn(384,384);n=0;"
+            f"e=time.perf_counter()+{seconds}\nwhile time.perf_counter()<e:\n a@a;n+=1\nprint(n)")
+
+    def run(k: int) -> int:
+        procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                                  env=dict(os.environ, OMP_NUM_THREADS="1")) for _ in range(k)]
+        return sum(int(p.communicate()[0]) for p in procs)
+
+    return run(2) / run(1)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
@@ -79,6 +93,8 @@ def main() -> int:
 
     cases = [c for c in CASES if c[0] == "single" or c[0] in a.cases]
     results: dict[str, dict[str, list[float]]] = {c[0]: {"parallab": [], "raw": []} for c in cases}
+    ceiling = machine_ceiling()
+    print(f"machine ceiling: two single-threaded processes do {ceiling:.2f}x the work of one", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
             for label, strategy, devices, mode in cases:
@@ -109,6 +125,9 @@ def main() -> int:
               f"{machine['git_rev']}.\nConfiguration: {json.dumps(config)}; 1 thread per device, "
               f"synthetic tokens, fp32, AdamW; median over {a.rounds} alternating rounds of the median "
               f"step time of {a.steps - a.warmup} timed steps.\n\n")
+    lines += ["", f"Machine ceiling measured before the runs: two independent single-threaded matmul "
+              f"processes together do {ceiling:.2f}x the work of one (2.00x on two free cores); no "
+              f"2-device speedup here can exceed it."]
     text = header + "\n".join(lines) + "\n"
     print(text)
     out = Path(a.out)
@@ -116,7 +135,8 @@ def main() -> int:
     stamp = time.strftime("%Y%m%d-%H%M")
     (out / f"train-{a.preset}-{stamp}.md").write_text(text)
     (out / f"train-{a.preset}-{stamp}.json").write_text(json.dumps(
-        {"machine": machine, "config": config, "rounds": results, "medians": med, "speedups": speedups}, indent=1))
+        {"machine": machine, "config": config, "rounds": results, "medians": med, "speedups": speedups,
+         "machine_ceiling_2proc": ceiling}, indent=1))
     return 0
 
 
