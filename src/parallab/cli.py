@@ -17,6 +17,7 @@ from typing import Callable
 
 from tyro.conf import Positional
 
+from parallab.plan.commands import CommBenchArgs, PlanArgs, cmd_bench_comm, cmd_plan
 from parallab.slurm import SlurmArgs, cmd_slurm
 
 from parallab.config import (ConfigError, InferArgs, SweepArgs, SweepSection, TrainArgs, TrainSection,
@@ -250,6 +251,8 @@ COMMANDS: dict[str, tuple[type, Callable[..., int], bool]] = {
     "env": (EnvArgs, cmd_env, False),
     "report": (ReportArgs, cmd_report, False),
     "compare": (CompareArgs, cmd_compare, False),
+    "plan": (PlanArgs, cmd_plan, False),
+    "bench-comm": (CommBenchArgs, cmd_bench_comm, False),
     "export": (ExportArgs, cmd_export, False),
     "slurm": (SlurmArgs, cmd_slurm, False),
 }
@@ -259,7 +262,7 @@ def _usage() -> str:
     lines = ["usage: parallab <command> [--config FILE.toml] [--section.key value ...]", "", "commands:"]
     for name, (cls, _, _) in COMMANDS.items():
         doc = (cls.__doc__ or "").strip().splitlines()[0]
-        lines.append(f"  {name:<9} {doc}")
+        lines.append(f"  {name:<10} {doc}")
     lines.append("\n`parallab <command> --help` lists every setting.")
     return "\n".join(lines)
 
