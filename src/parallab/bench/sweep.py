@@ -3,7 +3,6 @@ appended as soon as each finishes, a live display while it runs, reports at the 
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -17,7 +16,7 @@ from rich.table import Table
 from parallab.bench.launch import RunFolder, launch, new_run_id, steps_csv_path
 from parallab.bench.result import add_scaling_rows, append_row
 from parallab.config import (ConfigError, InferArgs, InferSweepArgs, SweepArgs, TrainArgs, config_id,
-                             to_dict, validate_sweep)
+                             validate_sweep)
 from parallab.metrics.live import last_step
 from parallab.runtime.device import cached_cpu_peak_flops, cpu_cores
 from parallab.runtime.nodes import (check_endpoint, config_launch, file_suffix, is_multinode, run_name,
@@ -157,6 +156,13 @@ def run_configs(entries: list[Entry], folder: RunFolder, *, run_id: str, peak_fl
             if is_reference:
                 baselines[e.mode] = rows
             add_scaling_rows(rows, baselines.get(e.mode, []))
+            if e.mode == "train":  # the planner's prediction beside the measurement (plan/predict.py)
+                from parallab.plan.predict import predict_for_row
+
+                base = (baselines.get("train") or [None])[0]
+                for row in rows:
+                    row.update(predict_for_row(row, base, cache_dir=folder.cache,
+                                               optimizer=e.args.train.optimizer))
             for row in rows if writes_results(rt) and e.append else ():
                 append_row(folder.results, row)  # written at once: a later crash loses nothing
             e.rows = rows

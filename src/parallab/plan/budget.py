@@ -63,10 +63,13 @@ class MemoryBudget:
         except torch.cuda.OutOfMemoryError as e:
             if self.budget is None:
                 raise
-            used = torch.cuda.max_memory_allocated(self.device)
+            try:
+                used = torch.cuda.max_memory_allocated(self.device)
+                at_peak = f"; {used} bytes ({fmt_bytes(used)}) allocated at the peak before the failure"
+            except (RuntimeError, AssertionError):
+                at_peak = ""
             raise DoesNotFit(f"DoesNotFit: out of memory under runtime.device_memory={self.setting} "
-                             f"({self.budget} bytes); {used} bytes ({fmt_bytes(used)}) allocated at "
-                             f"the peak before the failure: {str(e).splitlines()[0]}") from e
+                             f"({self.budget} bytes){at_peak}: {str(e).splitlines()[0]}") from e
 
     def check_tracked(self, peak: int | None) -> None:
         """After the tracked step on CPUs: stop every rank when the busiest one is over."""

@@ -96,6 +96,8 @@ def layouts_for(strategy: str, n: int, shape: ModelShape, global_batch: int, *,
         if heads % n:
             return [], f"n_heads={heads} is not divisible by tp={n}"
         return [Layout("tp", n, tp=n, ac=ac)], None
+    if strategy in ("fsdp+tp", "pipeline+ddp") and n < 4:
+        return [], f"needs at least 4 devices (both degrees at least 2), not {n}"
     if strategy == "fsdp+tp":
         out = [Layout("fsdp+tp", n, tp=t, fsdp=n // t, ac=ac) for t in _divisors(n)
                if 2 <= t < n and heads % t == 0 and global_batch % (n // t) == 0]

@@ -240,6 +240,13 @@ def write_html(rows: Iterable[dict[str, Any]], out_path: str | Path, *, plots: l
     body += ['<section id="verification"><h2>Verification</h2>',
              table_html(verification_table(rows), sortable=True), "</section>"]
 
+    from parallab.report.predicted import NOTE, prediction_table
+
+    predicted = prediction_table(rows)
+    if predicted is not None:
+        body += ['<section id="predicted"><h2>Predicted against measured</h2>', f"<p>{esc(NOTE)}</p>",
+                 table_html(predicted, sortable=True), "</section>"]
+
     body.append('<section id="failures"><h2>Failures</h2>')
     fails = failures(rows)
     if not fails:

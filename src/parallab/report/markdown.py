@@ -178,6 +178,12 @@ def write_markdown(rows: Iterable[dict[str, Any]], out_path: str | Path, *,
 
     lines += ["## Verification", ""] + md_table(verification_table(rows)) + [""]
 
+    from parallab.report.predicted import NOTE, prediction_table
+
+    predicted = prediction_table(rows)
+    if predicted is not None:
+        lines += ["## Predicted against measured", "", md_escape(NOTE), ""] + md_table(predicted) + [""]
+
     lines += ["## Failures", ""]
     fails = failures(rows)
     if not fails:
