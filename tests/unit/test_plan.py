@@ -272,6 +272,17 @@ def test_budget_check_on_cpu():
     assert budget_fields(RuntimeSection(), 2**19) == {"device_memory_budget_bytes": None, "fits_budget": None}
 
 
+def test_budget_turns_cuda_oom_into_does_not_fit():
+    budget = MemoryBudget(budget=2**30, setting="1GiB", device=torch.device("cuda", 0))
+    with pytest.raises(DoesNotFit, match=r"DoesNotFit: out of memory under runtime.device_memory=1GiB "
+                                         r"\(1073741824 bytes\).*Tried to allocate 2.00 GiB"):
+        with budget.guard():
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # no budget: a plain out-of-memory stays one
+        with MemoryBudget(budget=None, setting=None, device=torch.device("cuda", 0)).guard():
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+
+
 def test_predict_for_row(tmp_path):
     from parallab.bench.result import ROW_KEYS
 
@@ -298,3 +309,10 @@ def test_predict_for_row(tmp_path):
     assert p["pred_peak_mem_err"] == pytest.approx(0, abs=0.01)
     assert p["pred_step_time_err"] is not None
     assert predict_for_row(dict(base, n_params=123), base, cache_dir=cache)["pred_peak_mem_bytes"] is None
+    # A run that failed before measuring (no degrees, no times): its layout from its name.
+    failed = {"status": "does_not_fit", "model": "gpt", "preset": "debug", "strategy": "pipeline",
+              "config_id": "pipeline-1f1b-m4-2", "devices": 2, "schedule": "1f1b", "microbatches": 4,
+              "global_batch": 8, "dtype": "float32", "warmup_steps": 2, "device_type": "cpu"}
+    p = predict_for_row(failed, None, cache_dir=cache)
+    assert p["pred_peak_mem_bytes"] == pytest.approx(3166808, rel=0.05)  # tracked on the busier stage
+    assert p["pred_step_time_err"] is None and p["pred_peak_mem_err"] is None
