@@ -83,6 +83,39 @@ def failure_reason(log_text: str, returncode: int) -> tuple[str, str]:
     return status, reason
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc; empty where /proc is not readable)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """Kill torchrun and every worker. torchrun may start its workers in sessions of their own,
+    out of reach of a signal to torchrun's group, so the tree is collected first (before the
+    parent dies and its children are re-parented) and each process is killed by pid."""
+    pids = _descendants(proc.pid)
+    for target in (lambda: os.killpg(proc.pid, signal.SIGKILL), *(
+            (lambda p=p: os.kill(p, signal.SIGKILL)) for p in pids)):
+        try:
+            target()
+        except (ProcessLookupError, PermissionError):
+            pass
+    proc.wait()
+
+
 def run_torchrun(cmd: list[str], *, log_path: Path, folder: RunFolder, threads: int,
                  timeout_s: float, env_extra: dict[str, str] | None = None
                  ) -> tuple[int, str, str | None, float]:
@@ -99,12 +132,10 @@ def run_torchrun(cmd: list[str], *, log_path: Path, folder: RunFolder, threads: 
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_tree(proc)
             rc, status, reason = -9, "timeout", f"no result within {timeout_s:.0f} s (killed)"
         except BaseException:  # Ctrl-C in the sweep: leave no worker behind
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_tree(proc)
             raise
     return rc, status, reason, time.perf_counter() - t0
 
