@@ -78,7 +78,6 @@ def inside_user_torchrun(args, cid: str, run) -> int:
 
 
 def run_worker(spec: WorkerSpec) -> int:
-
     from parallab.metrics.processor import train_row
     from parallab.runtime.device import gpu_peak_flops, machine_info
     from parallab.runtime.dist import get_logger, shutdown

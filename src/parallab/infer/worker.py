@@ -81,7 +81,6 @@ def serve(engine, args: InferArgs, base: dict) -> list[dict]:
 
 
 def run_infer_worker(spec: WorkerSpec) -> int:
-
     from parallab.infer.engine import InferEngine
     from parallab.infer.rows import base_fields
     from parallab.infer.verify import run_verification
