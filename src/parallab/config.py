@@ -363,18 +363,25 @@ def _check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def validate_train(args: TrainArgs, *, check_output: bool = True):
-    """Check every setting of one run; returns the resolved model config."""
+def resolve_model(m: ModelSection, p: ParallelSection, *, mode: str, strategies: tuple[str, ...]):
+    """(family, model config) of the settings, with the family's own refusals for a known
+    strategy (models/*.py); a user's mistake becomes a ConfigError."""
     from parallab.models.registry import get_family
 
-    m, d, p, t, r = args.model, args.data, args.parallel, args.train, args.runtime
     try:
         family = get_family(m.name)
         cfg = family.config(m.preset, m.overrides())
-        if hasattr(family, "check") and p.strategy in STRATEGIES:
-            family.check(cfg, mode="train", parallel=p)  # the family's refusals (models/*.py)
+        if hasattr(family, "check") and p.strategy in strategies:
+            family.check(cfg, mode=mode, parallel=p)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    return family, cfg
+
+
+def validate_train(args: TrainArgs, *, check_output: bool = True):
+    """Check every setting of one run; returns the resolved model config."""
+    m, d, p, t, r = args.model, args.data, args.parallel, args.train, args.runtime
+    family, cfg = resolve_model(m, p, mode="train", strategies=STRATEGIES)
 
     _check(p.strategy in STRATEGIES, f"unknown strategy '{p.strategy}' (valid: {', '.join(STRATEGIES)})")
     _check(p.devices >= 1, f"devices={p.devices} must be at least 1")

@@ -24,23 +24,16 @@ import torch.nn as nn
 
 from parallab.infer.generate import greedy_generate, local_logits, pipeline_generate
 from parallab.models.registry import build_meta, count_params
-from parallab.parallel.dims import ParallelDims
+from parallab.parallel.dims import ParallelDims, dims_for
 from parallab.parallel.parallelize import Parallelized, parallelize
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def infer_dims(strategy: str, devices: int) -> ParallelDims:
-    """The parallel degrees of an inference strategy on ``devices`` devices."""
-    if strategy == "single":
-        return ParallelDims(world_size=devices)
-    if strategy == "replicas":
-        return ParallelDims(world_size=devices, dp_replicate=devices)
-    if strategy == "pipeline":
-        return ParallelDims(world_size=devices, pp=devices)
-    if strategy == "tp":
-        return ParallelDims(world_size=devices, tp=devices)
-    raise ValueError(f"no inference layout for strategy '{strategy}'")
+    """The parallel degrees of an inference strategy: the training layouts, with replicas laid
+    out as data parallelism (each device holds the whole model)."""
+    return dims_for("ddp" if strategy == "replicas" else strategy, devices)
 
 
 def _forward_only_schedule():

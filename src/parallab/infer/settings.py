@@ -9,7 +9,7 @@ import fnmatch
 import math
 import re
 
-from parallab.config import (DTYPES, INFER_STRATEGIES, INFER_WORKLOADS, ConfigError, InferArgs,
+from parallab.config import (DTYPES, resolve_model, INFER_STRATEGIES, INFER_WORKLOADS, ConfigError, InferArgs,
                              InferSweepArgs, check_writable)
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -110,16 +110,9 @@ def validate_infer(args: InferArgs, *, check_budget: bool = True, check_output: 
 
     ``check_budget``: a budget below this configuration's weights per device is an error (a
     sweep turns it off: there such a point becomes a ``does_not_fit`` row instead)."""
-    from parallab.models.registry import get_family
 
     m, p, s, r = args.model, args.parallel, args.infer, args.runtime
-    try:
-        family = get_family(m.name)
-        cfg = family.config(m.preset, m.overrides())
-        if hasattr(family, "check") and p.strategy in INFER_STRATEGIES:
-            family.check(cfg, mode="infer", parallel=p)  # the family's refusals (models/*.py)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    family, cfg = resolve_model(m, p, mode="infer", strategies=INFER_STRATEGIES)
     n = p.devices
     _check(p.strategy in INFER_STRATEGIES,
            f"unknown inference strategy '{p.strategy}' (valid: {', '.join(INFER_STRATEGIES)})")
