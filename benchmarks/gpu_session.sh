@@ -34,7 +34,7 @@ $PY -m pytest tests -q -m gpu --timeout 120 -p no:cacheprovider 2>&1 | tail -15 
 echo "pytest (gpu) exit: ${PIPESTATUS[0]}" >> "$OUT/pytest_gpu.log"
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n ${WORKERS:-12}"
-CUDA_VISIBLE_DEVICES="" timeout "${TESTS_S:-150}" $PY -m pytest ${TEST_PATHS:-tests/unit tests/distributed} -q \
-  --maxfail=25 $XDIST --timeout 120 -p no:cacheprovider 2>&1 | tail -40 > "$OUT/pytest.log"
-echo "pytest exit: ${PIPESTATUS[0]}" >> "$OUT/pytest.log"
-tail -n 3 "$OUT/pytest_gpu.log" "$OUT/pytest.log"
+CUDA_VISIBLE_DEVICES="" timeout "${TESTS_S:-150}" $PY -m pytest ${TEST_PATHS:-tests/unit tests/distributed} -v -rfE \
+  --maxfail=25 $XDIST --timeout 120 -p no:cacheprovider > "$OUT/pytest.log" 2>&1
+echo "pytest exit: $?" >> "$OUT/pytest.log"
+tail -n 3 "$OUT/pytest_gpu.log"; grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest.log" | tail -30
