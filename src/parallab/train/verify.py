@@ -31,13 +31,20 @@ def tolerance(dtype: str, optimizer: str) -> float:
 
 
 def full_named_parameters(parts):
+    """(name, whole tensor) in the checkpoint's layout. A module may store a parameter in
+    another shape of the same values in the same order, and then names the checkpoint's shape
+    in ``checkpoint_shapes`` (tensor parallelism's fused q|k|v split, parallel/tp.py)."""
     from torch.distributed.tensor import DTensor
 
     for part in parts:
+        shapes = {f"{m}.{p}" if m else p: shape for m, module in part.named_modules()
+                  for p, shape in getattr(module, "checkpoint_shapes", {}).items()}
         for name, p in part.named_parameters():
             t = p.detach()
             if isinstance(t, DTensor):
                 t = t.full_tensor()
+            if name in shapes:
+                t = t.reshape(shapes[name])
             yield name, t.float().cpu()
 
 
