@@ -166,18 +166,21 @@ class HFCausalLM(nn.Module):
 
     def _localize_heads(self) -> None:
         """Under tensor parallelism a device holds n_heads/tp heads. Current transformers
-        reshape with -1 heads and need nothing; older ones (4.4x Llama) reshape with head-count
-        attributes, which are divided by the tp degree here (once)."""
+        reshape with -1 heads and need nothing for Llama; older ones (4.4x Llama) reshape with
+        head-count attributes, which are divided by the tp degree here (once). GPT-2 splits its
+        fused q|k|v output with ``split_size`` (and older versions reshape with ``num_heads``
+        and ``embed_dim``): these become the local sizes too."""
         from torch.distributed.tensor import DTensor
 
         for module in self.modules():
             q = getattr(module, "q_proj", None)
+            q = getattr(module, "c_attn", None) if q is None else q
             if q is None or not isinstance(q.weight, DTensor) or getattr(module, "_parallab_tp", False):
                 continue
             mesh = q.weight.device_mesh
             names = mesh.mesh_dim_names or ()
             tp = mesh.size(names.index("tp")) if "tp" in names else 1
-            for attr in ("num_heads", "num_key_value_heads", "hidden_size"):
+            for attr in ("num_heads", "num_key_value_heads", "hidden_size", "split_size", "embed_dim"):
                 if isinstance(getattr(module, attr, None), int):
                     setattr(module, attr, getattr(module, attr) // tp)
             module._parallab_tp = True
@@ -219,6 +222,7 @@ def load_safetensors(model: nn.Module, folder: Path) -> None:
                 where[key] = f
     arch = model.arch
     embed_key = f"{arch['body']}.{arch['embeds'][0]}.weight"
+    stored = _checkpoint_shapes(model)
     missing = []
     for name, p in model.named_parameters():
         candidates = [name, name.split(".", 1)[1] if name.startswith(arch["body"] + ".") else None]
@@ -230,13 +234,25 @@ def load_safetensors(model: nn.Module, folder: Path) -> None:
             continue
         with safe_open(str(where[key]), framework="pt") as handle:
             t = handle.get_tensor(key)
-        if tuple(t.shape) != tuple(p.shape):
+        want = stored.get(name, tuple(p.shape))
+        if tuple(t.shape) != want:
             raise ValueError(f"weight {key} in {folder} has shape {tuple(t.shape)}, the model's "
-                             f"{name} {tuple(p.shape)}")
+                             f"{name} {want}")
+        t = t.reshape(p.shape)  # a fused q|k|v split by tensor parallelism: [D, 3D] -> [D, 3, D]
         load_full_into(p, t.float() if t.is_floating_point() else t)
     if missing:
         raise ValueError(f"{folder} has no weights for {len(missing)} parameter(s), e.g. "
                          f"{missing[:3]}")
+
+
+def _checkpoint_shapes(model: nn.Module) -> dict[str, tuple]:
+    """{parameter name: checkpoint shape} for parameters stored in another shape (the same
+    values in the same order): GPT-2's c_attn under tensor parallelism (parallel/tp.py)."""
+    out = {}
+    for mod_name, module in model.named_modules():
+        for pname, shape in getattr(module, "checkpoint_shapes", {}).items():
+            out[f"{mod_name}.{pname}" if mod_name else pname] = tuple(shape)
+    return out
 
 
 class HFFamily:
@@ -289,12 +305,23 @@ class HFFamily:
         return stage
 
     def tp_plan(self, cfg: HFConfig) -> dict[str, str]:
-        """Llama: q/k/v and gate/up split by output features (heads, hidden units), o/down by
-        input features (one all-reduce each), embeddings over the vocabulary, lm_head's logits
-        left split for loss_parallel; norms replicated. Heads become local by -1 reshapes
-        (``_localize_heads`` for older transformers). GPT-2: none (see ARCHS)."""
-        if ARCHS[cfg.model_type]["no_tp"]:
-            return {}
+        """Megatron-style, by heads and hidden units: the projections into attention and the
+        MLP split by output features, those out of them by input features (one all-reduce
+        each), embeddings over the vocabulary, lm_head's logits left split for loss_parallel;
+        norms (and GPT-2's position embeddings) replicated. Heads become local by -1 reshapes
+        (``_localize_heads`` sets the attributes older transformers and GPT-2 split with).
+
+        GPT-2's projections are ``Conv1D`` ([in, out] weights: the ``*_conv1d`` styles), and its
+        q, k and v come from one fused ``c_attn`` [D, 3D]: ``colwise_conv1d_qkv`` stores it as
+        [D, 3, D] (same name, same values in the same order) and splits the last dim, so each
+        device holds the same heads of q, k and v (docs/MODELS.md)."""
+        if cfg.model_type == "gpt2":
+            h = "transformer.h.*"
+            return {"transformer.wte": "rowwise_embedding", "transformer.wpe": "replicate",
+                    f"{h}.ln_1": "norm", f"{h}.ln_2": "norm", "transformer.ln_f": "norm",
+                    f"{h}.attn.c_attn": "colwise_conv1d_qkv", f"{h}.attn.c_proj": "rowwise_conv1d",
+                    f"{h}.mlp.c_fc": "colwise_conv1d", f"{h}.mlp.c_proj": "rowwise_conv1d",
+                    "lm_head": "colwise_output"}
         a = "model.layers.*.self_attn"
         m = "model.layers.*.mlp"
         return {"model.embed_tokens": "rowwise_embedding",
@@ -313,13 +340,14 @@ class HFFamily:
         tp_on = parallel.strategy == "tp" if mode == "infer" else uses_tp(parallel.strategy)
         if not tp_on:
             return
-        if ARCHS[cfg.model_type]["no_tp"]:
-            raise ValueError(ARCHS[cfg.model_type]["no_tp"])
         if mode == "train" and parallel.sequence_parallel:
             raise ValueError(NO_SP)
         tp = parallel.devices if mode == "infer" else parallel_dims(parallel).tp
-        for what, value in (("num_key_value_heads", cfg.n_kv_heads), ("n_heads", cfg.n_heads),
-                            ("intermediate_size", cfg.ffn_dim), ("vocab_size", cfg.vocab_size)):
+        sizes = [("n_heads", cfg.n_heads), ("intermediate_size", cfg.ffn_dim),
+                 ("vocab_size", cfg.vocab_size)]
+        if cfg.n_kv_heads != cfg.n_heads:  # grouped-query attention (Llama); GPT-2 has none
+            sizes.insert(0, ("num_key_value_heads", cfg.n_kv_heads))
+        for what, value in sizes:
             if value % tp:
                 raise ValueError(f"tensor parallelism over {tp} devices splits {what}={value}, "
                                  f"which is not divisible by {tp}")

@@ -25,13 +25,6 @@ ARCHS = {
                          tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256),
         },
         defaults=dict(tie_word_embeddings=False, bos_token_id=0, eos_token_id=0),
-        # Conv1D layers ([in, out] weights, not nn.Linear) and one fused q|k|v projection
-        # c_attn [D, 3D]: a column split would hand rank 0 all of q and half of k, and torch's
-        # Colwise/RowwiseParallel accept nn.Linear and nn.Embedding only.
-        no_tp=("hf-gpt2 has no tensor-parallel plan: GPT-2 attention is one fused Conv1D c_attn "
-               "[D, 3D] (q|k|v side by side), which a column split would cut across q, k and v, "
-               "and torch's ColwiseParallel/RowwiseParallel take nn.Linear only; use ddp, fsdp "
-               "or pipeline, or hf-llama for tensor parallelism"),
     ),
     "llama": dict(
         body="model", layers="layers", embeds=("embed_tokens",), norm="norm",
@@ -51,7 +44,6 @@ ARCHS = {
                           max_position_embeddings=128, vocab_size=256),
         },
         defaults=dict(tie_word_embeddings=False),
-        no_tp=None,
     ),
 }
 NO_SP = ("sequence parallelism is not supported for Hugging Face models (their decoder layers "
