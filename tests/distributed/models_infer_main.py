@@ -1,11 +1,16 @@
 """Run under torchrun (2 ranks) by test_models_parity.py: Hugging Face models served by each
 inference strategy against the single-device outputs every rank computes in-process (batched
-forward logits and greedy KV-cache generation). Rank 0 writes {'family/strategy': result}."""
+forward logits and greedy KV-cache generation). Rank 0 writes {'family/strategy': result}.
+'hf-gpt2-folder' loads a saved Hugging Face GPT-2 (safetensors) by name under TP, where c_attn
+is stored as [D, 3, D] (parallel/tp.py colwise_conv1d_qkv)."""
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+
+import torch
 
 import torch.distributed as dist
 
@@ -17,7 +22,19 @@ from parallab.train.verify import relative_deviation
 
 SEED, NEW_TOKENS = 1234, 8
 CASES = {"hf-llama": [("replicas", 1), ("pipeline", 2), ("tp", 1)],
-         "hf-gpt2": [("replicas", 1), ("pipeline", 2)]}
+         "hf-gpt2": [("replicas", 1), ("pipeline", 2), ("tp", 1)],
+         "hf-gpt2-folder": [("tp", 1)]}
+
+
+def save_gpt2(folder: Path, is_main: bool) -> None:
+    """A Hugging Face GPT-2 (debug shape, its own random init) as config.json + safetensors."""
+    if is_main:
+        cfg = get_family("hf-gpt2").config("debug", {})
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(cfg.hf_config()).save_pretrained(folder)
+    dist.barrier()
 
 
 def outputs(engine: InferEngine, inputs: dict) -> dict:
@@ -33,9 +50,15 @@ def main(path: str) -> int:
     info = init_distributed(backend="gloo", timeout_s=120, threads=1)
     try:
         results = {}
+        folder = Path(path).parent / "gpt2-folder"
+        save_gpt2(folder, info.is_main)
         for name, strategies in CASES.items():
-            family = get_family(name)
-            cfg = family.config("debug", {})
+            if name == "hf-gpt2-folder":
+                family = get_family("hf")
+                cfg = family.config("debug", {"path": str(folder)})
+            else:
+                family = get_family(name)
+                cfg = family.config("debug", {})
             inputs = {"forward-4": make_tokens(SEED, 4, cfg.seq_len, cfg.vocab_size, salt=1),
                       "gen-4": make_tokens(SEED, 4, 6, cfg.vocab_size, salt=3)}
             single = InferEngine.build(family=family, cfg=cfg, strategy="single", devices=1,

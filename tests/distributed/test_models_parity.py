@@ -1,8 +1,9 @@
 """Model families other than the built-in GPT against one device at world size 2 (gloo, real
-torchrun): Hugging Face GPT-2 and Llama from a config (DDP, FSDP, pipeline, and tensor
-parallelism for Llama), a user's module from a file (DDP, FSDP, pipeline, TP with its plan),
-the ResNet (DDP, pipelined and naive split); and Hugging Face inference (replicas, pipeline,
-TP) with greedy generation. One module-scoped launch group per model."""
+torchrun): Hugging Face GPT-2 and Llama from a config (DDP, FSDP, pipeline, tensor
+parallelism; for GPT-2, whose fused q|k|v is split by heads, also FSDP x TP at 4), a user's
+module from a file (DDP, FSDP, pipeline, TP with its plan), the ResNet (DDP, pipelined and
+naive split); and Hugging Face inference (replicas, pipeline, TP, GPT-2 also from a saved
+folder) with greedy generation. One module-scoped launch group per model."""
 
 import json
 import os
@@ -33,7 +34,9 @@ DP_PP = [lambda b: variant(b, "ddp", 2), lambda b: variant(b, "fsdp", 2),
 @pytest.fixture(scope="module")
 def gpt2_rows(tmp_path_factory):
     pytest.importorskip("transformers", reason=HF_REASON)
-    return _group(tmp_path_factory, "hf-gpt2", DP_PP, name="hf-gpt2")
+    return _group(tmp_path_factory, "hf-gpt2", DP_PP + [lambda b: variant(b, "tp", 2),
+                                                        lambda b: variant(b, "fsdp+tp", 4)],
+                  name="hf-gpt2")
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +71,7 @@ def _check(rows: dict, cid: str) -> None:
     assert row["peak_mem_bytes"] and row["peak_mem_bytes"] > 0
 
 
-@pytest.mark.parametrize("cid", ["ddp-2", "fsdp-2", "pipeline-1f1b-m2-2"])
+@pytest.mark.parametrize("cid", ["ddp-2", "fsdp-2", "pipeline-1f1b-m2-2", "tp-2", "fsdp+tp-2x2-4"])
 def test_hf_gpt2_matches_single_device(gpt2_rows, cid):
     _check(gpt2_rows, cid)
 
@@ -107,7 +110,8 @@ def hf_infer(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["hf-llama/replicas", "hf-llama/pipeline", "hf-llama/tp",
-                                  "hf-gpt2/replicas", "hf-gpt2/pipeline"])
+                                  "hf-gpt2/replicas", "hf-gpt2/pipeline", "hf-gpt2/tp",
+                                  "hf-gpt2-folder/tp"])
 def test_hf_inference_matches_single_device(hf_infer, case):
     r = hf_infer[case]
     assert r["outputs_held"] > 0

@@ -102,8 +102,8 @@ def test_hf_without_transformers_says_how_to_install(tmp_path, monkeypatch):
 
 def test_hf_refusals(tmp_path):
     pytest.importorskip("transformers", reason=HF_REASON)
-    msg = refused(train_args(tmp_path, "tp", name="hf-gpt2"))
-    assert "Conv1D c_attn" in msg and "hf-llama" in msg
+    validate_train(train_args(tmp_path, "tp", name="hf-gpt2"))  # its fused q|k|v split by heads
+    assert "n_heads=4" in refused(train_args(tmp_path, "tp", devices=8, name="hf-gpt2"))
     args = train_args(tmp_path, "tp", name="hf-llama")
     args.parallel.sequence_parallel = True
     assert "sequence parallelism" in refused(args)
@@ -193,8 +193,18 @@ def test_hf_stage_keeps_hugging_face_names():
     a, b = {n for n, _ in first.named_parameters()}, {n for n, _ in last.named_parameters()}
     assert a | b == names and not a & b
     assert "model.embed_tokens.weight" in a and "lm_head.weight" in b
-    modules = [n for n, _ in meta.named_modules()]
-    for pattern in fam.tp_plan(cfg):  # every plan entry names real modules
+
+
+@pytest.mark.parametrize("name", ["hf-gpt2", "hf-llama"])
+def test_hf_tp_plan_names_real_modules(name):
+    pytest.importorskip("transformers", reason=HF_REASON)
+    from parallab.parallel.tp import STYLES
+
+    fam = get_family(name)
+    cfg = fam.config("debug", {})
+    modules = [n for n, _ in build_meta(fam, cfg).named_modules()]
+    for pattern, style in fam.tp_plan(cfg).items():  # every plan entry names real modules
+        assert style in STYLES
         assert any(fnmatch.fnmatchcase(m, pattern) for m in modules), pattern
 
 
