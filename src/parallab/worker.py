@@ -58,6 +58,21 @@ def start_rank(args):
     return info
 
 
+def write_result(spec: WorkerSpec, result, info):
+    """Write rank 0's ``result`` (a training row, or an inference run's list of rows) to the
+    spec's result path; every rank calls this and gets it back. On several nodes rank 0's
+    result goes to the first worker of every node, which writes it into its own node's run
+    folder; node 0's launcher appends it (runtime/nodes.py)."""
+    from parallab.runtime.nodes import share_from_rank0, writes_row_file
+
+    result = share_from_rank0(result)
+    if writes_row_file(info.rank, info.local_rank):
+        tmp = Path(spec.result_path + ".tmp")
+        tmp.write_text(json.dumps(result, default=str))
+        os.replace(tmp, spec.result_path)
+    return result
+
+
 def inside_user_torchrun(args, cid: str, run) -> int:
     """Run as a rank of a torchrun the user started (every rank runs the same command): the
     same spec a launcher would write; rank 0 appends the row(s) to the run's results."""
@@ -82,7 +97,7 @@ def run_worker(spec: WorkerSpec) -> int:
     from parallab.runtime.device import gpu_peak_flops, machine_info
     from parallab.runtime.dist import get_logger, shutdown
     from parallab.runtime.faults import ProgressBoard, restart_count
-    from parallab.runtime.nodes import gather_hosts, ranks_agree, share_from_rank0, writes_row_file
+    from parallab.runtime.nodes import REFERENCE_NOT_SHARED, gather_hosts, reference_where
     from parallab.train.checkpoint import Checkpointing, checkpoint_dir_for
     from parallab.train.trainer import Trainer, gather_measurements
     from parallab.train.verify import compare_to_reference, save_reference, tolerance
@@ -120,24 +135,21 @@ def run_worker(spec: WorkerSpec) -> int:
         board.post("verify")
         verify = {"verify_tolerance": tolerance(args.train.dtype, args.train.optimizer)}
         ref = Path(spec.reference_path) if spec.reference_path else None
-        # Every rank must take the same branch (the comparison has collectives): count the
-        # ranks that see the reference; on several nodes it may be on node 0's disk only.
-        have_ref = 0 if spec.save_reference else ranks_agree(ref is not None and ref.exists(),
-                                                             info.device)[0]
+        # On several nodes the reference may be on node 0's disk only; every rank takes the
+        # same branch (the comparison has collectives).
+        where = "none" if spec.save_reference else reference_where(ref, info.device, spec.config_id)
         if spec.save_reference:
             if info.is_main:
                 save_reference(trainer.par.model_parts, losses, ref)
             verify["verify_status"] = "reference"
-        elif have_ref == info.world_size:
+        elif where == "all":
             loss_dev, weight_dev = compare_to_reference(trainer.par.model_parts, losses, ref,
                                                         device=info.device)
             ok = max(loss_dev, weight_dev) <= verify["verify_tolerance"]
             verify.update(verify_status="pass" if ok else "fail", verify_max_loss_rel=loss_dev,
                           verify_max_weight_rel=weight_dev)
-        elif have_ref:
-            verify["verify_status"] = "reference-not-shared"
-            log.warning("%s: %s is not on every node: not compared (put runtime.out_dir on a "
-                        "filesystem every node sees, with the same run_id)", spec.config_id, ref)
+        elif where == "some":
+            verify["verify_status"] = REFERENCE_NOT_SHARED
         hosts = gather_hosts()  # several nodes: a collective
         row = None
         if info.is_main:
@@ -150,13 +162,7 @@ def run_worker(spec: WorkerSpec) -> int:
                             verify=verify, machine=machine)
             row.update(resumed_from_step=start or None, restarts=restart_count(),
                        last_checkpoint=str(ckpt.last) if ckpt.last else None)
-        # Several nodes: rank 0's row goes to the first worker of every node, which writes it
-        # into its own node's run folder; node 0's launcher appends it (runtime/nodes.py).
-        row = share_from_rank0(row)
-        if writes_row_file(info.rank, info.local_rank):
-            tmp = Path(spec.result_path + ".tmp")
-            tmp.write_text(json.dumps(row, default=str))
-            os.replace(tmp, spec.result_path)
+        row = write_result(spec, row, info)
         if info.is_main:
             log.info("%s: %.2f samples/s, step %.3fs, verify %s", spec.config_id, row["samples_per_s"],
                      row["step_time_median_s"], row["verify_status"])

@@ -393,3 +393,21 @@ def ranks_agree(flag: bool, device) -> tuple[int, int]:
     dist.all_reduce(t)
     return int(t.item()), dist.get_world_size()
 
+
+REFERENCE_NOT_SHARED = "reference-not-shared"
+
+
+def reference_where(path, device, config_id: str) -> str:
+    """Which ranks see the verification reference: "all", "none", or "some" (several nodes
+    whose run folders are not shared: the reference is on node 0's disk only; logged). One
+    all-reduce, so that every rank takes the same branch (comparing has collectives)."""
+    seen, world = ranks_agree(path is not None and path.exists(), device)
+    if seen == world:
+        return "all"
+    if not seen:
+        return "none"
+    from parallab.runtime.dist import get_logger
+
+    get_logger().warning("%s: %s is not on every node: not compared (put runtime.out_dir on a "
+                         "filesystem every node sees, with the same run_id)", config_id, path)
+    return "some"
