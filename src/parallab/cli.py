@@ -162,11 +162,7 @@ def _train_inside_torchrun(args: TrainArgs) -> int:
 
 def cmd_infer(args: InferArgs) -> int:
     from parallab.infer.commands import cmd_infer as run
-    from parallab.runtime.nodes import is_multinode
 
-    if is_multinode(args.runtime):  # not launched across nodes yet: refuse rather than run N copies
-        raise ConfigError(f"infer does not run across nodes yet (runtime.nnodes={args.runtime.nnodes}); "
-                          "run it on one node")
     return run(args)
 
 

@@ -162,14 +162,37 @@ def test_bad_node_settings_are_one_line_exit_2(tmp_path, extra, needle):
     assert not list((tmp_path / "runs").glob("*/logs")), "a process was launched"
 
 
-def test_infer_refuses_several_nodes(tmp_path):
-    proc = parallab("infer", "--runtime.nnodes", "2", "--runtime.rdzv-endpoint", "127.0.0.1:29500",
-                    "--runtime.run-id", "x", "--runtime.out-dir", tmp_path)
-    assert proc.returncode == 2 and "infer does not run across nodes yet" in proc.stderr, proc.stderr
+INFER_MULTI = ["infer", "--model.preset", "debug", "--parallel.strategy", "replicas", "--parallel.devices", "2",
+               "--runtime.nnodes", "2", "--runtime.run-id", "mi"]
+
+BAD_INFER_NODES = [
+    (["--runtime.node-rank", "2", "--runtime.rdzv-endpoint", "127.0.0.1:29500"],
+     "runtime.node_rank=2 must be in 0..1"),
+    (["--runtime.node-rank", "1", "--runtime.rdzv-endpoint", "no-such-host.invalid:29500"],
+     "'no-such-host.invalid' cannot be resolved"),
+    (["--runtime.rdzv-endpoint", "192.0.2.1:29500"], "is not an address of this machine"),
+    ([], "needs runtime.rdzv_endpoint"),
+    (["--runtime.nnodes", "1:2", "--runtime.rdzv-endpoint", "127.0.0.1:29500"], "fixed number of nodes"),
+    (["--runtime.rdzv-endpoint", "127.0.0.1:29500", "--parallel.devices", "3"],
+     "parallel.devices=3 cannot be split evenly over runtime.nnodes=2"),
+]
 
 
-def test_unreachable_endpoint_in_a_sweep_is_refused_before_launch(tmp_path):
-    proc = parallab("verify", "--sweep.strategies", "ddp", "--sweep.device-counts", "4", "--sweep.modes", "train",
+@pytest.mark.parametrize("extra,needle", BAD_INFER_NODES,
+                         ids=[" ".join(e)[:50] or "no endpoint" for e, _ in BAD_INFER_NODES])
+def test_bad_node_settings_of_infer_are_one_line_exit_2(tmp_path, extra, needle):
+    proc = parallab(*INFER_MULTI, *extra, "--runtime.out-dir", tmp_path / "runs")
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert needle in lines[0], lines[0]
+    assert not list((tmp_path / "runs").glob("*/logs")), "a process was launched"
+
+
+@pytest.mark.parametrize("modes", ["train", "infer"])
+def test_unreachable_endpoint_in_a_sweep_is_refused_before_launch(tmp_path, modes):
+    proc = parallab("verify", "--sweep.strategies", "ddp", "--sweep.infer-strategies", "replicas",
+                    "--sweep.device-counts", "4", "--sweep.modes", modes,
                     "--runtime.nnodes", "2", "--runtime.node-rank", "1", "--runtime.run-id", "v",
                     "--runtime.rdzv-endpoint", "no-such-host.invalid:29500", "--runtime.out-dir", tmp_path)
     assert proc.returncode == 2, proc.stdout + proc.stderr

@@ -145,7 +145,7 @@ def run_configs(entries: list[Entry], folder: RunFolder, *, run_id: str, peak_fl
             # Several nodes (runtime/nodes.py): node 0 runs every configuration, another node
             # only those that span it; only node 0 appends rows.
             rt = e.args.runtime
-            if e.mode == "train" and not takes_part(rt, config_launch(rt, e.args.parallel.devices, e.cid)):
+            if not takes_part(rt, config_launch(rt, e.args.parallel.devices, e.cid)):
                 e.state = "node 0 only"
                 continue
             e.state, e.started = "running", time.perf_counter()
@@ -204,10 +204,6 @@ def run_sweep(args: SweepArgs, *, console: Console | None = None) -> Path:
     entries = sweep_entries(args)  # every configuration checked before anything launches
     rt = args.runtime
     if is_multinode(rt):
-        if any(e.mode == "infer" for e in entries):
-            console.print("[yellow]several nodes: inference configurations are left out (not yet "
-                          "launched across nodes); this sweep measures training[/]")
-            entries = [e for e in entries if e.mode == "train"]
         check_endpoint(rt)  # one line naming the endpoint (a ConfigError), before anything starts
     from parallab.bench.resume import resume_folder, start_sweep
 

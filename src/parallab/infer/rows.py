@@ -16,18 +16,23 @@ import time
 
 from parallab.bench.result import make_row
 from parallab.metrics.processor import percentile
+from parallab.runtime.nodes import devices_per_host
 
 
 def base_fields(*, spec, args, engine, info, machine: dict, verify: dict) -> dict:
-    """Fields every row of one configuration shares."""
+    """Fields every row of one configuration shares. ``machine``: runtime.device.machine_info
+    with every node's host (its node_rank and devices_per_node come into the row with it)."""
     p, s = args.parallel, args.infer
     dims = engine.par.dims
     cores = machine.get("cpu_cores") or 1
+    # Several nodes: each machine has its own cores (two node agents on one host share them).
+    per_host = devices_per_host(machine, p.devices)
     return dict(
         run_id=spec.run_id, config_id=spec.config_id, mode="infer",
         timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"), strategy=p.strategy,
-        devices=p.devices, nodes=1, threads_per_device=args.runtime.threads_per_device,
-        oversubscribed=info.device.type == "cpu" and p.devices * args.runtime.threads_per_device > cores,
+        devices=p.devices, nodes=len(machine.get("hosts") or [None]),
+        threads_per_device=args.runtime.threads_per_device,
+        oversubscribed=info.device.type == "cpu" and per_host * args.runtime.threads_per_device > cores,
         dp_degree=dims.dp, pp_degree=dims.pp, tp_degree=dims.tp, fsdp_degree=dims.dp_shard,
         model=args.model.name, preset=args.model.preset, n_params=engine.n_params, dtype=s.dtype,
         data="synthetic", scaling="strong", activation_checkpointing=False,
@@ -104,11 +109,13 @@ def generate_row(base: dict, *, engine, args, batch: int, ttft: list[float] | No
     return make_row(**row)
 
 
-def failed_rows(*, run_id: str, config_id: str, args, status: str, reason: str | None) -> list[dict]:
-    """The row of a configuration whose processes failed before writing rows (launcher side)."""
+def failed_rows(*, run_id: str, config_id: str, args, status: str, reason: str | None,
+                nodes: int = 1) -> list[dict]:
+    """The row of a configuration whose processes failed before writing rows (launcher side);
+    ``nodes``: the nodes it was launched on."""
     p, s = args.parallel, args.infer
     return [make_row(run_id=run_id, config_id=config_id, mode="infer", status=status, reason=reason,
-                     strategy=p.strategy, devices=p.devices, nodes=1,
+                     strategy=p.strategy, devices=p.devices, nodes=nodes,
                      threads_per_device=args.runtime.threads_per_device, model=args.model.name,
                      preset=args.model.preset, dtype=s.dtype, data="synthetic",
                      microbatches=p.microbatches if p.strategy == "pipeline" else 1,

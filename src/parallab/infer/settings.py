@@ -10,7 +10,8 @@ import math
 import re
 
 from parallab.config import (DTYPES, resolve_model, INFER_STRATEGIES, INFER_WORKLOADS, ConfigError, InferArgs,
-                             InferSweepArgs, check_writable)
+                             InferSweepArgs, check_nodes, check_writable)
+from parallab.runtime.nodes import is_elastic, plan_sweep
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -161,6 +162,9 @@ def validate_infer(args: InferArgs, *, check_budget: bool = True, check_output: 
                                f"the weights alone on one device under {p.strategy} at {n} device(s) "
                                f"({need} bytes): no batch can fit (use more devices with pipeline or tp)")
     _check(r.threads_per_device >= 1, f"threads_per_device={r.threads_per_device} must be at least 1")
+    check_nodes(r)  # several nodes (runtime/nodes.py): node_rank, endpoint's form, run name
+    _check(not is_elastic(r), f"inference runs on a fixed number of nodes, not the elastic "
+                              f"runtime.nnodes={r.nnodes} (give a count, e.g. 2)")
     _check(r.collective_timeout_s > 0, f"collective_timeout_s={r.collective_timeout_s} must be positive")
     if r.backend == "nccl":
         import torch
@@ -205,4 +209,4 @@ def validate_infer_sweep(args: InferSweepArgs) -> list[InferArgs]:
                f"infer.device_memory={args.infer.device_memory} ({budget} bytes) is smaller than the "
                f"weights per device of every configuration (least: {needs[best]} bytes in {best}): "
                "no batch can fit anywhere")
-    return configs
+    return plan_sweep(args, configs)  # several nodes: which counts run on node 0 alone, which span nodes

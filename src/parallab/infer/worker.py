@@ -1,17 +1,17 @@
 """Entry point of every rank of an inference run: ``python -m parallab.infer.worker SPEC.json``
 under torchrun (the spec is parallab.worker.WorkerSpec with InferArgs as its args). Rank 0
-writes the configuration's rows, a JSON list, to the spec's result path."""
+computes the configuration's rows, a JSON list, and writes them to the spec's result path (on
+several nodes, the first worker of every node writes them into its own node's folder)."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import traceback
 from pathlib import Path
 
 from parallab.config import InferArgs, from_dict
-from parallab.worker import WorkerSpec, start_rank
+from parallab.worker import WorkerSpec, start_rank, write_result
 
 
 def serve(engine, args: InferArgs, base: dict) -> list[dict]:
@@ -87,6 +87,7 @@ def run_infer_worker(spec: WorkerSpec) -> int:
     from parallab.models.registry import get_family
     from parallab.runtime.device import gpu_peak_flops, machine_info
     from parallab.runtime.dist import get_logger, shutdown
+    from parallab.runtime.nodes import REFERENCE_NOT_SHARED, gather_hosts, reference_where
 
     args = from_dict(InferArgs, spec.args)
     info = start_rank(args)
@@ -102,20 +103,24 @@ def run_infer_worker(spec: WorkerSpec) -> int:
                  engine.n_params, info.world_size, info.backend)
         # Correctness first, independent of the budget: the single-device run saves its
         # outputs even where it cannot serve within the budget, so the others can be checked.
+        # On several nodes the reference may be on node 0's disk only: compared where every
+        # rank sees it (all ranks take the same branch: the comparison has collectives).
+        ref = Path(spec.reference_path) if spec.reference_path else None
+        where = "all" if spec.save_reference else reference_where(ref, info.device, spec.config_id)
         verify = run_verification(engine, seed=s.seed, prompt_len=s.prompt_len, new_tokens=s.new_tokens,
                                   dtype=s.dtype, save=spec.save_reference, is_main=info.is_main,
-                                  reference=Path(spec.reference_path) if spec.reference_path else None)
+                                  reference=ref if where == "all" else None)
+        if where == "some":
+            verify["verify_status"] = REFERENCE_NOT_SHARED
         log.info("%s: verify %s", spec.config_id, verify.get("verify_status"))
-        machine = machine_info()
+        machine = machine_info(hosts=gather_hosts())  # several nodes: a collective
         if info.device.type == "cuda" and spec.peak_flops is None:
             spec.peak_flops, spec.peak_flops_source = gpu_peak_flops(machine["device_name"], s.dtype)
         base = base_fields(spec=spec, args=args, engine=engine, info=info, machine=machine,
                            verify=verify)
-        rows = serve(engine, args, base)
+        # Every rank builds the rows (the workloads communicate); rank 0's are the result.
+        rows = write_result(spec, serve(engine, args, base), info)
         if info.is_main:
-            tmp = Path(spec.result_path + ".tmp")
-            tmp.write_text(json.dumps(rows, default=str))
-            os.replace(tmp, spec.result_path)
             for r in rows:
                 log.info("%s %s batch %s: %s %s", spec.config_id, r["workload"], r["batch_size"],
                          r["status"], f"{r['samples_per_s']:.2f} samples/s" if r["samples_per_s"]

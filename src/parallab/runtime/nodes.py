@@ -381,6 +381,13 @@ def writes_row_file(rank: int, local_rank: int) -> bool:
     return rank == 0 if nodes == 1 else local_rank == 0
 
 
+def devices_per_host(machine: dict, devices: int) -> int:
+    """Worker processes on the busiest machine of a run, from a row's machine fields: the
+    devices of one node times the node agents sharing a host (two on one machine in a test)."""
+    hosts = machine.get("hosts") or [None]
+    return (machine.get("devices_per_node") or devices) * max(hosts.count(h) for h in hosts)
+
+
 def ranks_agree(flag: bool, device) -> tuple[int, int]:
     """(ranks where ``flag`` holds, world size): one all-reduce, so that every rank takes the
     same branch (a file present on one node only must not split the ranks' collectives)."""
