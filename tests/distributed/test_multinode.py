@@ -150,3 +150,71 @@ def test_a_node_that_never_joins_ends_the_run_within_the_rendezvous_timeout(tmp_
     (row,) = rows(tmp_path / "a0/results.jsonl")
     assert row["status"] == "failed" and "not every node joined" in row["reason"] and row["nodes"] == 2
     assert not (tmp_path / "a1/results.jsonl").exists()
+
+
+# ---------------------------------------------------------------- inference across nodes
+
+# The debug model, small workloads: two forward batch sizes and one short generation.
+INFER = ["--infer.batch-sizes", "1", "2", "--infer.prompt-len", "8", "--infer.new-tokens", "4",
+         "--infer.generate-batch", "2", "--infer.requests", "1", "--infer.warmup", "0",
+         "--runtime.collective-timeout-s", "120"]
+
+
+def test_infer_verify_on_two_nodes_matches_one_device(tmp_path):
+    """An inference verify sweep on 2 nodes x 1 sharing a run folder: node 0 runs the
+    single-device reference alone, then replicas and the pipeline at 2 span both nodes; their
+    logits and greedy tokens equal the reference's, and each row is written once, saying 2
+    nodes of 1 device."""
+    port = free_port()
+    common = ["verify", "--model.preset", "debug", "--sweep.modes", "infer",
+              "--sweep.infer-strategies", "replicas", "pipeline", "--sweep.device-counts", "2", *INFER,
+              "--runtime.run-id", "vi", "--runtime.out-dir", tmp_path / "shared"]
+    logs = [tmp_path / "node0.out", tmp_path / "node1.out"]
+    n1 = start([*common, *node_args(port, 1)], logs[1])
+    n0 = start([*common, *node_args(port, 0)], logs[0])
+    rcs = finish([n0, n1])
+    text = [l.read_text(errors="replace") for l in logs]
+    assert rcs == [0, 0], f"rc {rcs}\nnode 0:\n{text[0][-3000:]}\nnode 1:\n{text[1][-3000:]}"
+    assert "all 3 configurations match the single-device run" in text[0]
+    got: dict[str, list[dict]] = {}
+    for r in rows(tmp_path / "shared/vi/results.jsonl"):
+        got.setdefault(r["config_id"], []).append(r)
+    assert sorted(got) == ["infer-pipeline-m8-2", "infer-replicas-2", "infer-single-1"]
+    for cid, rs in got.items():
+        # forward at 2 batch sizes + generate, once each: node 1 appended nothing
+        assert sorted((r["workload"], r["batch_size"]) for r in rs) == [
+            ("forward", 1), ("forward", 2), ("generate", 2)], cid
+        for r in rs:
+            assert set(ROW_KEYS) <= set(r) and r["status"] == "ok" and r["mode"] == "infer", r["reason"]
+            assert r["run_id"] == "vi" and r["samples_per_s"] > 0
+            if cid == "infer-single-1":
+                assert r["nodes"] == 1 and r["verify_status"] == "reference"
+                continue
+            assert r["nodes"] == 2 and r["devices"] == 2 and r["devices_per_node"] == 1
+            assert len(r["hosts"]) == 2 and r["node_rank"] in (0, 1)
+            assert r["verify_status"] == "pass"
+            assert r["verify_max_logits_rel"] <= 1e-5 and r["verify_token_mismatches"] == 0
+    assert "infer-replicas-2.node1.log" in os.listdir(tmp_path / "shared/vi/logs")
+    assert "infer-single-1.node1.log" not in os.listdir(tmp_path / "shared/vi/logs")  # node 0 only
+
+
+def test_infer_on_two_nodes_writes_its_rows_once_on_node_0(tmp_path):
+    """`parallab infer` on 2 nodes x 2 (the pipeline over 4 stages), run folders not shared:
+    the rows reach node 0 from rank 0 wherever it ran, and only node 0 appends them."""
+    port = free_port()
+    common = ["infer", "--model.preset", "debug", "--parallel.strategy", "pipeline", "--parallel.devices",
+              "4", "--infer.workloads", "generate", *INFER, "--runtime.run-id", "two"]
+    logs = [tmp_path / "node0.out", tmp_path / "node1.out"]
+    n0 = start([*common, *node_args(port, 0), "--runtime.out-dir", tmp_path / "disk0"], logs[0])
+    n1 = start([*common, *node_args(port, 1), "--runtime.out-dir", tmp_path / "disk1"], logs[1])
+    rcs = finish([n0, n1])
+    text = [l.read_text(errors="replace") for l in logs]
+    assert rcs == [0, 0], f"rc {rcs}\nnode 0:\n{text[0][-3000:]}\nnode 1:\n{text[1][-3000:]}"
+    assert "node 1: done; node 0 writes the results" in text[1]
+    (row,) = rows(tmp_path / "disk0/two/results.jsonl")
+    assert not (tmp_path / "disk1/two/results.jsonl").exists()
+    assert (tmp_path / "disk1/two/rows/infer-pipeline-m4-4.node1.json").exists()
+    assert row["status"] == "ok" and row["config_id"] == "infer-pipeline-m4-4" and row["workload"] == "generate"
+    assert row["nodes"] == 2 and row["devices"] == 4 and row["devices_per_node"] == 2 and row["pp_degree"] == 4
+    assert len(row["hosts"]) == 2 and row["node_rank"] in (0, 1)
+    assert row["oversubscribed"] == (row["cpu_cores"] < 4)
