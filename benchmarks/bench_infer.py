@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from benchlib import attempt, raw_failure  # noqa: E402
 CASES = [("single", "single", 1), ("replicas", "replicas", 2), ("pipeline", "pipeline", 2)]
 
 
@@ -60,7 +62,7 @@ def run_raw(mode: str, devices: int, a) -> float:
            "--requests", str(a.requests)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if proc.returncode != 0:
-        raise RuntimeError(f"raw {mode}: {proc.stderr[-2000:]}")
+        raise raw_failure(mode, proc)
     return json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][-1])["samples_per_s"]
 
 
@@ -79,6 +81,7 @@ def main() -> int:
 
     from parallab.runtime.device import machine_info
 
+    failures: list[str] = []
     results = {c[0]: {"parallab": [], "raw": []} for c in CASES}
     tpot: dict[str, list[float]] = {"single-1": [], "tp-2": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,15 +90,22 @@ def main() -> int:
                 order = [("parallab", lambda: run_parallab(strategy, devices, a, Path(tmp))["samples_per_s"]),
                          ("raw", lambda: run_raw(strategy, devices, a))]
                 for name, fn in (order if r % 2 == 0 else order[::-1]):
-                    results[label][name].append(fn())
-                    print(f"round {r + 1}: forward {label:<9} {name:<9} {results[label][name][-1]:8.2f} samples/s",
-                          flush=True)
+                    value = attempt(fn, failures, f"round {r + 1} forward {label} {name}")
+                    if value is not None:
+                        results[label][name].append(value)
+                        print(f"round {r + 1}: forward {label:<9} {name:<9} {value:8.2f} samples/s", flush=True)
             for key, (strategy, devices) in {"single-1": ("single", 1), "tp-2": ("tp", 2)}.items():
-                tpot[key].append(run_parallab(strategy, devices, a, Path(tmp), "generate")["tpot_s"])
-                print(f"round {r + 1}: generate {key:<9} TPOT {tpot[key][-1] * 1e3:.2f} ms", flush=True)
+                row = attempt(lambda: run_parallab(strategy, devices, a, Path(tmp), "generate"), failures,
+                              f"round {r + 1} generate {key}")
+                if row is not None:
+                    tpot[key].append(row["tpot_s"])
+                    print(f"round {r + 1}: generate {key:<9} TPOT {tpot[key][-1] * 1e3:.2f} ms", flush=True)
 
-    med = {k: {n: statistics.median(v) for n, v in d.items()} for k, d in results.items()}
-    tp_med = {k: statistics.median(v) for k, v in tpot.items()}
+    def median(v):
+        return statistics.median(v) if v else float("nan")
+
+    med = {k: {n: median(v) for n, v in d.items()} for k, d in results.items()}
+    tp_med = {k: median(v) for k, v in tpot.items()}
     lines = [f"| forward x{a.batch} | devices | parallab samples/s | hand-written samples/s | parallab / hand-written "
              "| parallab speedup | hand-written speedup |", "|---|---|---|---|---|---|---|"]
     for label, _, devices in CASES:
@@ -110,6 +120,8 @@ def main() -> int:
               f"{m['cpu_model']}, {m['cpu_cores']} cores, torch {m['torch_version']}, Python {m['python_version']}, "
               f"parallab git {m['git_rev']}.\nConfiguration: {json.dumps(vars(a))}; 1 thread per device, fp32; "
               f"median over {a.rounds} alternating rounds of the median of {a.requests} timed requests.\n\n")
+    if failures:
+        lines += ["", "Failed runs (left out of the medians):", *[f"- {f}" for f in failures]]
     text = header + "\n".join(lines) + "\n"
     print(text)
     out = Path(a.out)
@@ -117,7 +129,8 @@ def main() -> int:
     stamp = time.strftime("%Y%m%d-%H%M")
     (out / f"infer-{a.preset}-{stamp}.md").write_text(text)
     (out / f"infer-{a.preset}-{stamp}.json").write_text(json.dumps(
-        {"machine": m, "config": vars(a), "rounds": results, "medians": med, "tpot_s": tpot}, indent=1))
+        {"machine": m, "config": vars(a), "rounds": results, "medians": med, "tpot_s": tpot,
+         "failures": failures}, indent=1))
     return 0
 
 

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from benchlib import attempt, machine_ceiling, raw_failure  # noqa: E402
 
 # (label, parallab strategy, devices, raw mode)
 CASES = [("single", "single", 1, "single"), ("ddp", "ddp", 2, "ddp"), ("fsdp", "fsdp", 2, "fsdp"),
@@ -57,31 +59,17 @@ def run_raw(mode: str, devices: int, a) -> float:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"raw {mode}: {proc.stderr[-2000:]}")
+        raise raw_failure(mode, proc)
     line = [l for l in proc.stdout.splitlines() if l.startswith("{")][-1]
     return json.loads(line)["samples_per_s"]
-
-
-def machine_ceiling(seconds: float = 3.0) -> float:
-    """How much two busy single-threaded processes get done together, relative to one alone
-    (2.0 on two free cores): the best 2-device speedup this machine allows, whatever the tool."""
-    code = ("import time,torch;torch.set_num_threads(1);a=torch.randn(384,384);n=0;"
-            f"e=time.perf_counter()+{seconds}\nwhile time.perf_counter()<e:\n a@a;n+=1\nprint(n)")
-
-    def run(k: int) -> int:
-        procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                                  env=dict(os.environ, OMP_NUM_THREADS="1")) for _ in range(k)]
-        return sum(int(p.communicate()[0]) for p in procs)
-
-    return run(2) / run(1)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--global-batch", type=int, default=16)
-    ap.add_argument("--microbatches", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=9)
+    ap.add_argument("--global-batch", type=int, default=64)
+    ap.add_argument("--microbatches", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--cases", nargs="*", default=[c[0] for c in CASES],
@@ -93,6 +81,7 @@ def main() -> int:
 
     cases = [c for c in CASES if c[0] == "single" or c[0] in a.cases]
     results: dict[str, dict[str, list[float]]] = {c[0]: {"parallab": [], "raw": []} for c in cases}
+    failures: list[str] = []
     ceiling = machine_ceiling()
     print(f"machine ceiling: two single-threaded processes do {ceiling:.2f}x the work of one", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,11 +91,13 @@ def main() -> int:
                 order = [("parallab", lambda: run_parallab(strategy, devices, a, Path(tmp))),
                          ("raw", lambda: run_raw(mode, devices, a))]
                 for name, fn in (order if r % 2 == 0 else order[::-1]):
-                    value = fn()
+                    value = attempt(fn, failures, f"round {r + 1} {label} {name}")
+                    if value is None:
+                        continue
                     results[label][name].append(value)
                     print(f"round {r + 1}: {label:<7} {name:<9} {value:7.2f} samples/s", flush=True)
 
-    med = {k: {n: statistics.median(v) for n, v in d.items()} for k, d in results.items()}
+    med = {k: {n: statistics.median(v) if v else float("nan") for n, v in d.items()} for k, d in results.items()}
     lines = ["| strategy | devices | parallab samples/s | hand-written samples/s | parallab / hand-written |",
              "|---|---|---|---|---|"]
     for label, _, devices, _ in cases:
@@ -128,6 +119,8 @@ def main() -> int:
     lines += ["", f"Machine ceiling measured before the runs: two independent single-threaded matmul "
               f"processes together do {ceiling:.2f}x the work of one (2.00x on two free cores); no "
               f"2-device speedup here can exceed it."]
+    if failures:
+        lines += ["", "Failed runs (left out of the medians):", *[f"- {f}" for f in failures]]
     text = header + "\n".join(lines) + "\n"
     print(text)
     out = Path(a.out)
@@ -136,7 +129,8 @@ def main() -> int:
     (out / f"train-{a.preset}-{stamp}.md").write_text(text)
     (out / f"train-{a.preset}-{stamp}.json").write_text(json.dumps(
         {"machine": machine, "config": config, "rounds": results, "medians": med, "speedups": speedups,
-         "machine_ceiling_2proc": ceiling}, indent=1))
+         "machine_ceiling_2proc": ceiling,
+         "failures": failures}, indent=1))
     return 0
 
 

@@ -1,0 +1,40 @@
+"""What the side-by-side benchmarks share: the machine's two-process ceiling, one readable line
+from a failed hand-written run, and running one case without losing the others."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def machine_ceiling(seconds: float = 3.0) -> float:
+    """How much two busy single-threaded processes get done together, relative to one alone
+    (2.0 on two free cores): the best 2-device speedup this machine allows, whatever the tool."""
+    code = ("import time,torch;torch.set_num_threads(1);a=torch.randn(384,384);n=0;"
+            f"e=time.perf_counter()+{seconds}\nwhile time.perf_counter()<e:\n a@a;n+=1\nprint(n)")
+
+    def run(k: int) -> int:
+        procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                                  env=dict(os.environ, OMP_NUM_THREADS="1")) for _ in range(k)]
+        return sum(int(p.communicate()[0]) for p in procs)
+
+    return run(2) / run(1)
+
+
+def raw_failure(mode: str, proc: subprocess.CompletedProcess) -> RuntimeError:
+    """The error lines of a failed torchrun of a hand-written loop (not its 2 kB tail, which is
+    torchrun's own summary)."""
+    cause = [l for l in proc.stderr.splitlines() if "rror" in l or "terminate" in l or "what()" in l]
+    return RuntimeError(f"raw {mode}: exit {proc.returncode}: {' | '.join(cause[:6]) or proc.stderr[-800:]}")
+
+
+def attempt(fn, failures: list[str], tag: str):
+    """``fn()``, or None with the failure noted: one failed run (a dropped gloo connection, say)
+    must not lose the rest of a long benchmark."""
+    try:
+        return fn()
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        failures.append(f"{tag}: {e}")
+        print(f"{tag}: FAILED: {e}", flush=True)
+        return None
