@@ -79,11 +79,17 @@ def compare_to_reference(parts, losses: list[float], path: Path, *, device) -> t
     loss_dev = float(((got - ref_losses[:n]).abs() / ref_losses[:n].abs().clamp(min=1e-12)).max()) if n else 0.0
     if n < len(ref_losses) or n < len(losses):
         loss_dev = float("inf")  # different step counts cannot be compared
-    weight_dev = 0.0
+    weight_dev, worst = 0.0, None
     for name, t in full_named_parameters(parts):
         if name not in ref["weights"]:
             raise KeyError(f"parameter '{name}' is not in the reference {path}")
-        weight_dev = max(weight_dev, relative_deviation(t, ref["weights"][name]))
+        dev = relative_deviation(t, ref["weights"][name])
+        if dev > weight_dev:
+            weight_dev, worst = dev, name
+    if worst is not None:
+        from parallab.runtime.dist import get_logger
+
+        get_logger().info("largest weight deviation: %s %.3g", worst, weight_dev)
     if dist.is_initialized() and dist.get_world_size() > 1:
         t = torch.tensor([weight_dev], dtype=torch.float64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
