@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/parallab sweep --config configs/demo.toml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=15
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
