@@ -131,6 +131,11 @@ def check_compatible(step_dir: Path, *, model_name: str, cfg, model, optimizer: 
         if not isinstance(got, TensorStorageMetadata):
             raise ConfigError(f"checkpoint '{step_dir}' was saved for another model: it has no "
                               f"weight '{name}'")
+        if tuple(got.size) != tuple(p.shape) and _split_last(tuple(got.size), tuple(p.shape)):
+            raise ConfigError(f"checkpoint '{step_dir}' holds {name} as {list(got.size)}, the layout "
+                              "parallab's tensor parallelism wrote before checkpoints kept Hugging "
+                              f"Face's {list(p.shape)} under every strategy; it cannot be resumed by "
+                              "this version (resume it with the version that wrote it)")
         if tuple(got.size) != tuple(p.shape):
             raise ConfigError(f"checkpoint '{step_dir}' was saved for another model: {name} has shape "
                               f"{list(got.size)}, this run's model needs {list(p.shape)}")
@@ -141,6 +146,11 @@ def check_compatible(step_dir: Path, *, model_name: str, cfg, model, optimizer: 
         raise ConfigError(f"checkpoint '{step_dir}' is at step {info['step']}: train.steps={steps} "
                           f"leaves nothing to run (give train.steps > {info['step']})")
     return info
+
+
+def _split_last(got: tuple, want: tuple) -> bool:
+    """``got`` is ``want`` with its last dim split in two ([D, 3, D] for [D, 3D])."""
+    return len(got) == len(want) + 1 and got[:-2] == want[:-1] and got[-2] * got[-1] == want[-1]
 
 
 def _needed_bytes(args: TrainArgs, cfg) -> tuple[int, str]:

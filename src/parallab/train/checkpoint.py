@@ -12,6 +12,12 @@ between plain, DDP, FSDP2 and TP (DTensor shards) and pipeline stages (each load
 Saving never damages the last good checkpoint: DCP writes ``step-N.tmp``, rank 0 adds
 ``parallab.json`` and renames it to ``step-N``, then replaces the ``latest`` pointer atomically.
 
+A parameter that a strategy stores in another shape than the model's own (GPT-2's fused
+q|k|v ``c_attn`` under tensor parallelism: [D, 3, D] instead of [D, 3D], named in the module's
+``checkpoint_shapes``) is saved and loaded in the model's own shape, so the files are the same
+under every strategy: each rank hands DCP its shard as the blocks it forms in that shape
+(``InCheckpointShape``; a column shard of [D, 3, D] is three column blocks of [D, 3D]).
+
 Loading executes nothing from the file: DCP's ``.metadata`` (a pickle) is read by an unpickler
 that admits only DCP's metadata classes, and non-tensor items with ``weights_only=True``.
 """
@@ -32,11 +38,15 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex,
+                                                   TensorProperties, TensorStorageMetadata)
+from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict,
                                                      set_model_state_dict,
                                                      set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
 
 from parallab.config import ConfigError
 from parallab.train.safe_dcp import SafeLoadPlanner, SafeReader, read_metadata
@@ -157,6 +167,86 @@ def state_module(parts: list[nn.Module]) -> nn.Module:
     return out
 
 
+def checkpoint_shapes(module: nn.Module) -> dict[str, tuple]:
+    """{parameter name: shape in checkpoints} for the parameters a strategy stores in another
+    shape of the same values in the same order (``checkpoint_shapes`` of their module; today
+    GPT-2's c_attn under tensor parallelism, parallel/tp.py)."""
+    return {f"{m}.{p}" if m else p: tuple(shape) for m, mod in module.named_modules()
+            for p, shape in getattr(mod, "checkpoint_shapes", {}).items()}
+
+
+class InCheckpointShape:
+    """A tensor stored as [..., parts, out] (whole, or this rank's shard of a DTensor) presented
+    to DCP as the [..., parts * out] tensor of the checkpoint: the same values, in the blocks
+    this rank holds of that shape. A shard split on ``out`` (tensor parallelism) is ``parts``
+    column blocks there, which a DTensor cannot describe (DCP takes one block per DTensor
+    shard); DCP's chunk protocol (``__create_write_items__``, ``__create_chunk_list__``,
+    ``__get_tensor_shard__``, as DTensor implements it) takes any number. Loading writes
+    through views into the tensor itself; the planners below resolve the blocks."""
+
+    def __init__(self, tensor: torch.Tensor, shape: tuple):
+        if tensor.dim() < 2 or tuple(shape) != (*tensor.shape[:-2], tensor.shape[-2] * tensor.shape[-1]):
+            raise ValueError(f"a tensor of shape {tuple(tensor.shape)} cannot be checkpointed as "
+                             f"{tuple(shape)} (only [..., parts, out] as [..., parts*out])")
+        self.shape, out = torch.Size(shape), tensor.shape[-1]
+        if isinstance(tensor, DTensor):
+            (chunk,) = tensor.__create_chunk_list__()
+            offsets, self.local = tuple(chunk.offsets), tensor.to_local()
+        else:
+            offsets, self.local = (0,) * tensor.dim(), tensor
+        *lead, o_part, o_out = offsets
+        sizes = torch.Size((*self.local.shape[:-2], self.local.shape[-1]))
+        # {offsets in the checkpoint's shape: (sizes, view of the local tensor)}
+        self.blocks = {torch.Size((*lead, (o_part + j) * out + o_out)): (sizes, self.local[..., j, :])
+                       for j in range(self.local.shape[-2]) if sizes.numel()}
+
+    def size(self) -> torch.Size:
+        return self.shape
+
+    def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
+        return [ChunkStorageMetadata(offsets=o, sizes=s) for o, (s, _) in self.blocks.items()]
+
+    def __create_write_items__(self, fqn: str, obj) -> list[WriteItem]:
+        props = TensorProperties.create_from_tensor(self.local)
+        return [WriteItem(index=MetadataIndex(fqn, o), type=WriteItemType.SHARD,
+                          tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(offsets=o, sizes=s),
+                                                      properties=props, size=self.shape))
+                for o, (s, _) in self.blocks.items()]
+
+    def __get_tensor_shard__(self, index: MetadataIndex) -> torch.Tensor:
+        return self.blocks[torch.Size(index.offset)][1]
+
+
+class SavePlanner(DefaultSavePlanner):
+    """DCP's save planner that also resolves the blocks of an ``InCheckpointShape``."""
+
+    def lookup_object(self, index: MetadataIndex):
+        obj = self.state_dict.get(index.fqn)
+        if isinstance(obj, InCheckpointShape):
+            return obj.__get_tensor_shard__(index).contiguous()  # a strided view: its values only
+        return super().lookup_object(index)
+
+
+def _in_checkpoint_shape(module: nn.Module, state: dict) -> dict:
+    """``state`` as DCP sees it: weights and optimizer state of a parameter stored in another
+    shape (``checkpoint_shapes``) wrapped as ``InCheckpointShape``; everything else as is."""
+    shapes = checkpoint_shapes(module)
+    if not shapes:
+        return state
+    out = dict(state)
+    shapes = {k: v for k, v in shapes.items() if k in state["model"]}
+    out["model"] = {k: InCheckpointShape(v, shapes[k]) if k in shapes else v
+                    for k, v in state["model"].items()}
+    optim = dict(state["optim"])
+    for name, shape in shapes.items():  # flattened: state.<name>.<exp_avg|momentum_buffer|...>
+        for key, value in state["optim"].items():
+            if (key.startswith(f"state.{name}.") and isinstance(value, torch.Tensor)
+                    and value.shape == state["model"][name].shape):
+                optim[key] = InCheckpointShape(value, shape)
+    out["optim"] = optim
+    return out
+
+
 def _rng_state(rank: int) -> dict[str, torch.Tensor]:
     state = {f"cpu.rank{rank}": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -219,10 +309,11 @@ def save(trainer, *, step: int, ckpt_dir: Path, losses: list[float], keep: int =
         shutil.rmtree(tmp, ignore_errors=True)  # the torn save of an earlier attempt
         tmp.mkdir(parents=True)
     _barrier()
-    _, state = _app_state(trainer)
+    module, state = _app_state(trainer)
     state["train"] = {"step": torch.tensor(step, dtype=torch.int64)}
     state["rng"] = _rng_state(info.rank)
-    _dcp(dcp.save, state, storage_writer=FileSystemWriter(tmp, sync_files=True))
+    _dcp(dcp.save, _in_checkpoint_shape(module, state),
+         storage_writer=FileSystemWriter(tmp, sync_files=True), planner=SavePlanner())
     if info.is_main:
         a = trainer.args
         meta = {"format": FORMAT, "step": step, "world_size": info.world_size,
@@ -270,7 +361,9 @@ def load(trainer, step_dir: Path) -> dict:
     # RNG states are per rank: restored only when the layout is the one they were saved from.
     if info.get("world_size") == world and all(f"rng.{k}" in md.state_dict_metadata for k in rng):
         state["rng"] = rng
-    _dcp(dcp.load, state, storage_reader=SafeReader(step_dir), planner=SafeLoadPlanner())
+    # Through views, the blocks of InCheckpointShape fill state's own tensors.
+    _dcp(dcp.load, _in_checkpoint_shape(module, state), storage_reader=SafeReader(step_dir),
+         planner=SafeLoadPlanner())
     set_model_state_dict(module, state["model"], options=OPTIONS)
     set_optimizer_state_dict(module, trainer.optimizer, state["optim"], options=OPTIONS)
     for group in trainer.optimizer.param_groups:

@@ -60,7 +60,41 @@ class SafeReader(FileSystemReader):
 
 class SafeLoadPlanner(DefaultLoadPlanner):
     """DCP's load planner with non-tensor values (optimizer hyperparameters) read with
-    ``weights_only=True`` (the default planner unpickles them without restriction)."""
+    ``weights_only=True`` (the default planner unpickles them without restriction), and
+    values that describe their own blocks (``__get_tensor_shard__``) resolved by them."""
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
+        # DCP's set-up (_init_state_dict) replaces, in place, values that are neither tensors
+        # nor plain data by None; a value describing its own blocks is put back.
+        kept: dict[tuple, tuple] = {}
+
+        def walk(d: dict, path: tuple) -> None:
+            for k, v in d.items():
+                if isinstance(v, dict):
+                    walk(v, (*path, k))
+                elif not isinstance(v, torch.Tensor) and hasattr(v, "__get_tensor_shard__"):
+                    kept[(*path, k)] = (d, k, v)
+
+        walk(state_dict, ())
+        super().set_up_planner(state_dict, metadata, is_coordinator)
+        for d, k, v in kept.values():
+            d[k] = v
+        if self.flatten_state_dict:
+            for flat, path in self.mappings.items():
+                if tuple(path) in kept:
+                    self.state_dict[flat] = kept[tuple(path)][2]
+        else:
+            for path, (_, _, v) in kept.items():
+                if len(path) == 1:
+                    self.state_dict[path[0]] = v
+
+    def lookup_tensor(self, index):
+        # A value that is no tensor but names its own blocks (train/checkpoint.InCheckpointShape;
+        # DCP's default lookup asks only tensors).
+        obj = self.state_dict.get(index.fqn)
+        if not isinstance(obj, torch.Tensor) and hasattr(obj, "__get_tensor_shard__"):
+            return obj.__get_tensor_shard__(index)
+        return super().lookup_tensor(index)
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
         obj = torch.load(value, weights_only=True)
