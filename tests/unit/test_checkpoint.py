@@ -334,3 +334,40 @@ def test_free_space_and_resume_checks(tmp_path, monkeypatch):
     validate_train(_args(tmp_path, resume_from=str(tmp_path / "ck"), steps=5, optimizer="sgd"))
     with pytest.raises(ConfigError, match="seed=-1 must be >= 0"):
         validate_train(_args(tmp_path, seed=-1))
+
+
+# ------------------------------------------------------------------ a parameter stored in another shape
+
+
+def test_a_parameter_stored_split_is_checkpointed_in_the_model_shape(tmp_path):
+    """GPT-2's c_attn under tp is [D, 3, D]; checkpoints hold [D, 3D] (InCheckpointShape): saved
+    from [D, 3, D] it reads back as [D, 3D], and loads from [D, 3D] into [D, 3, D] in place."""
+    from parallab.train.checkpoint import InCheckpointShape, SavePlanner
+
+    w = torch.arange(4 * 12, dtype=torch.float32).view(4, 12)
+    split, b = w.clone().view(4, 3, 4), torch.arange(12.0)
+    dcp.save({"model": {"w": InCheckpointShape(split, (4, 12)), "b": InCheckpointShape(b.view(3, 4), (12,))}},
+             storage_writer=FileSystemWriter(tmp_path / "a"), planner=SavePlanner(), no_dist=True)
+    back = {"model": {"w": torch.zeros(4, 12), "b": torch.zeros(12)}}
+    dcp.load(back, storage_reader=SafeReader(tmp_path / "a"), planner=SafeLoadPlanner(), no_dist=True)
+    assert torch.equal(back["model"]["w"], w) and torch.equal(back["model"]["b"], b)
+    into = torch.zeros(4, 3, 4)
+    dcp.load({"model": {"w": InCheckpointShape(into, (4, 12))}}, storage_reader=SafeReader(tmp_path / "a"),
+             planner=SafeLoadPlanner(), no_dist=True)
+    assert torch.equal(into.view(4, 12), w)
+    with pytest.raises(ValueError, match="cannot be checkpointed as"):
+        InCheckpointShape(into, (12, 4))
+
+
+def test_a_checkpoint_in_the_old_tp_layout_is_refused_with_the_reason(tmp_path):
+    step_dir, _ = make_checkpoint(tmp_path)
+    sd = {k: torch.zeros(v.shape) for k, v in GPT(GPT_PRESETS["debug"]).state_dict().items()}
+    name = next(k for k, v in sd.items() if v.dim() == 2)  # as if split [in, 2, out/2]
+    d0, d1 = sd[name].shape
+    sd[name] = torch.zeros(d0, 2, d1 // 2)
+    dcp.save({"model": sd}, storage_writer=FileSystemWriter(step_dir), no_dist=True)
+    cfg = GPT_PRESETS["debug"]
+    with pytest.raises(ConfigError, match=rf"holds {name} as \[{d0}, 2, {d1 // 2}\], the layout "
+                                          r"parallab's tensor parallelism wrote before"):
+        check_compatible(step_dir, model_name="gpt", cfg=cfg, model=build_meta(get_family("gpt"), cfg),
+                         optimizer="sgd", steps=10)
