@@ -1,4 +1,4 @@
-"""The equivalence bounds (train/verify.py): tight for SGD, coarse but meaningful for AdamW."""
+"""The equivalence bounds (train/verify.py): 1e-5 for SGD, at most 1e-4 for any strategy."""
 
 import torch
 
@@ -10,11 +10,11 @@ def test_sgd_stays_the_precise_check():
     assert tolerance("float32", "sgd") == 1e-5
 
 
-def test_adamw_bound_lies_between_measured_rounding_and_real_errors():
-    # Measured (see tolerance's docstring): benign rounding amplified by Adam reached 4.9e-3
-    # (demo, ddp on 2 devices, global batch 32); a data-sharding bug gave 0.84.
-    tol = tolerance("float32", "adamw")
-    assert 4.9e-3 < tol < 0.84 / 10
+def test_adamw_bound_is_the_projects_cap():
+    # Above the demo's measured AdamW deviations (8e-6), at the cap the project allows any
+    # strategy; larger benign AdamW drift (4.9e-3 at global batch 32, see tolerance's
+    # docstring) is decided by the SGD check.
+    assert 8e-6 < tolerance("float32", "adamw") <= 1e-4
 
 
 def test_relative_deviation_is_normwise():
