@@ -190,6 +190,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from parallab.runtime.dist import exit_process
-
-    exit_process(main())
+    raise SystemExit(main())

@@ -73,23 +73,6 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def exit_process(code: int) -> None:
-    """End a worker process with ``code`` once its work is done and written: flush Python's
-    streams and logs, then leave without the interpreter's teardown. Under load, gloo's
-    threads sometimes outlive the process group into C++ static destruction, which aborts with
-    "terminate called without an active exception" after every result was written (seen in
-    hand-written loops too, torch 2.13 CPU): torchrun would report a finished run as failed."""
-    import logging
-
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    logging.shutdown()
-    os._exit(code)
-
-
 def free_port() -> int:
     """A free TCP port on the loopback address (single-machine runs bind there only)."""
     import socket
