@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_train import run_parallab, run_raw  # noqa: E402
-from benchlib import attempt, machine_ceiling, raw_failure  # noqa: E402
+from benchlib import attempt, machine_ceiling, raw_failure, record  # noqa: E402
 
 
 def run_accelerate(devices: int, a) -> float:
@@ -84,23 +84,16 @@ def main() -> int:
     for k, v in med.items():
         lines.append(f"| {k} | {1 if k.startswith('single') else 2} | {v:.2f} | {v / base:.2f}x | "
                      f"{v / med['ddp accelerate']:.3f} |")
-    if failures:
-        lines += ["", "Failed runs (left out of the medians):", *[f"- {f}" for f in failures]]
     m = machine_info()
-    text = (f"# DDP: parallab vs Hugging Face Accelerate vs hand-written\n\n{time.strftime('%Y-%m-%d %H:%M')}, "
+    header = (f"# DDP: parallab vs Hugging Face Accelerate vs hand-written\n\n{time.strftime('%Y-%m-%d %H:%M')}, "
             f"{m['cpu_model']}, {m['cpu_cores']} cores, torch {m['torch_version']}, accelerate "
             f"{accelerate.__version__}, parallab git {m['git_rev']}.\nConfiguration: {json.dumps(vars(a))}; "
             f"synthetic tokens, fp32, AdamW, 1 thread per device; median over {a.rounds} alternating rounds of "
             f"the median step time of {a.steps - a.warmup} timed steps. Machine ceiling (two independent "
-            f"processes against one): {ceiling:.2f}x.\n\n" + "\n".join(lines) + "\n")
-    print(text)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M")
-    (out / f"accelerate-{a.preset}-{stamp}.md").write_text(text)
-    (out / f"accelerate-{a.preset}-{stamp}.json").write_text(json.dumps(
-        {"machine": m, "config": vars(a), "rounds": results, "medians": med, "failures": failures,
-         "machine_ceiling_2proc": ceiling, "accelerate": accelerate.__version__}, indent=1))
+            f"processes against one): {ceiling:.2f}x.\n\n")
+    record(a.out, f"accelerate-{a.preset}", header, lines, failures,
+           {"machine": m, "config": vars(a), "rounds": results, "medians": med,
+            "machine_ceiling_2proc": ceiling, "accelerate": accelerate.__version__})
     return 0
 
 

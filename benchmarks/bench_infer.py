@@ -24,7 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from benchlib import attempt, raw_failure  # noqa: E402
+from benchlib import attempt, raw_failure, record  # noqa: E402
 CASES = [("single", "single", 1), ("replicas", "replicas", 2), ("pipeline", "pipeline", 2)]
 
 
@@ -120,17 +120,8 @@ def main() -> int:
               f"{m['cpu_model']}, {m['cpu_cores']} cores, torch {m['torch_version']}, Python {m['python_version']}, "
               f"parallab git {m['git_rev']}.\nConfiguration: {json.dumps(vars(a))}; 1 thread per device, fp32; "
               f"median over {a.rounds} alternating rounds of the median of {a.requests} timed requests.\n\n")
-    if failures:
-        lines += ["", "Failed runs (left out of the medians):", *[f"- {f}" for f in failures]]
-    text = header + "\n".join(lines) + "\n"
-    print(text)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M")
-    (out / f"infer-{a.preset}-{stamp}.md").write_text(text)
-    (out / f"infer-{a.preset}-{stamp}.json").write_text(json.dumps(
-        {"machine": m, "config": vars(a), "rounds": results, "medians": med, "tpot_s": tpot,
-         "failures": failures}, indent=1))
+    record(a.out, f"infer-{a.preset}", header, lines, failures,
+           {"machine": m, "config": vars(a), "rounds": results, "medians": med, "tpot_s": tpot})
     return 0
 
 

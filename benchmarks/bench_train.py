@@ -22,7 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from benchlib import attempt, machine_ceiling, raw_failure  # noqa: E402
+from benchlib import attempt, machine_ceiling, raw_failure, record  # noqa: E402
 
 # (label, parallab strategy, devices, raw mode)
 CASES = [("single", "single", 1, "single"), ("ddp", "ddp", 2, "ddp"), ("fsdp", "fsdp", 2, "fsdp"),
@@ -119,18 +119,9 @@ def main() -> int:
     lines += ["", f"Machine ceiling measured before the runs: two independent single-threaded matmul "
               f"processes together do {ceiling:.2f}x the work of one (2.00x on two free cores); no "
               f"2-device speedup here can exceed it."]
-    if failures:
-        lines += ["", "Failed runs (left out of the medians):", *[f"- {f}" for f in failures]]
-    text = header + "\n".join(lines) + "\n"
-    print(text)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M")
-    (out / f"train-{a.preset}-{stamp}.md").write_text(text)
-    (out / f"train-{a.preset}-{stamp}.json").write_text(json.dumps(
-        {"machine": machine, "config": config, "rounds": results, "medians": med, "speedups": speedups,
-         "machine_ceiling_2proc": ceiling,
-         "failures": failures}, indent=1))
+    record(a.out, f"train-{a.preset}", header, lines, failures,
+           {"machine": machine, "config": config, "rounds": results, "medians": med, "speedups": speedups,
+            "machine_ceiling_2proc": ceiling})
     return 0
 
 

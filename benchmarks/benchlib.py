@@ -38,3 +38,22 @@ def attempt(fn, failures: list[str], tag: str):
         failures.append(f"{tag}: {e}")
         print(f"{tag}: FAILED: {e}", flush=True)
         return None
+
+
+def record(out: str, name: str, header: str, lines: list[str], failures: list[str], data: dict) -> str:
+    """Print the Markdown result and write it, with ``data`` (plus the failures) as JSON, to
+    ``out/<name>-<stamp>.md`` and ``.json``; returns the text."""
+    import json
+    import time
+    from pathlib import Path
+
+    if failures:
+        lines = [*lines, "", "Failed runs (left out of the medians):", *[f"- {f}" for f in failures]]
+    text = header + "\n".join(lines) + "\n"
+    print(text)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M")
+    (folder / f"{name}-{stamp}.md").write_text(text)
+    (folder / f"{name}-{stamp}.json").write_text(json.dumps({**data, "failures": failures}, indent=1))
+    return text
