@@ -145,6 +145,10 @@ def test_an_interrupted_sweep_keeps_its_rows_and_resume_runs_only_the_rest(tmp_p
     cmd = [sys.executable, "-m", "parallab", "sweep", "--config", str(ROOT / "configs/debug.toml"),
            "--sweep.modes", "train", "--sweep.strategies", "ddp", "pipeline:1f1b",
            "--sweep.device-counts", "1", "2",
+           # Long enough (~5 s a configuration) that the sweep is still running when the
+           # second sweep has been refused and the interrupt arrives: with 6 steps it once
+           # finished first. SGD: 150 AdamW steps drift past its 1e-4 bound (train/verify.py).
+           "--train.steps", "150", "--train.optimizer", "sgd", "--train.lr", "0.05",
            "--runtime.out-dir", str(tmp_path), "--runtime.run-id", "sw"]
     first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -147,4 +147,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from parallab.runtime.dist import worker_entry
+
+    worker_entry(main)
