@@ -92,4 +92,6 @@ def main(path: str) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1]))
+    from parallab.runtime.dist import worker_entry
+
+    worker_entry(lambda: main(sys.argv[1]))  # leaves without gloo's teardown, like parallab's workers
