@@ -52,10 +52,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--only", default="", help="comma-separated config ids to keep (plus single-1)")
     ap.add_argument("--out", default="runs/plan-vs-measured")
+    ap.add_argument("--results", default=str(Path(__file__).parent / "results"),
+                    help="folder for the Markdown/JSON record ('' to skip)")
     a = ap.parse_args()
     out = Path(a.out)
     cache = out / ".cache"
-    if "links" not in load_machine_profile(cache):
+    known = load_machine_profile(cache)
+    if "links" not in known or "concurrency_x" not in known:
         from parallab.commbench import run_comm_bench
 
         run_comm_bench(devices=2, sizes=tuple(4096 * 4**i for i in range(7)), iters=5, warmup=2,
@@ -113,6 +116,38 @@ def main() -> None:
     Console(width=160).print(table)
     (out / f"summary-{a.preset}.json").write_text(json.dumps(
         {"load_before": load_before, "load_after": load_after, "rows": summary}, indent=1))
+    if a.results:
+        _record(a, summary, load_before, load_after, load_machine_profile(cache))
+
+
+def _record(a, summary: list[dict], load_before: float, load_after: float, profile: dict) -> None:
+    """The table as Markdown (and JSON) under benchmarks/results, with the machine's profile."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from benchlib import record
+
+    from parallab.runtime.device import machine_info
+
+    m = machine_info()
+    header = (f"# Predicted against measured: {a.preset}, global batch {a.global_batch}\n\n"
+              f"{time.strftime('%Y-%m-%d %H:%M')}, {m['cpu_model']}, {m['cpu_cores']} cores, torch "
+              f"{m['torch_version']}, parallab git {m['git_rev']}; {a.rounds} round(s) of {a.steps} "
+              f"steps, load average {load_before:.1f} -> {load_after:.1f}. Prediction: plan/predict.py, "
+              f"compute calibrated on the round's 1-device run; machine profile: concurrency_x "
+              f"{profile.get('concurrency_x', 1.0):.3f}, links from bench-comm. Error = predicted / "
+              f"measured - 1. Targets (issue 5): memory within 10 %, step time within 20 %.\n\n")
+    lines = ["| configuration | peak MiB | predicted MiB | memory error | step s | predicted s | time error |",
+             "|---|---|---|---|---|---|---|"]
+    for r in summary:
+        lines.append(f"| {r['config_id']} | {r['peak_mem_bytes'] / 2**20:.1f} | {r['pred_peak_mem_bytes'] / 2**20:.1f} "
+                     f"| {r['mem_err']:+.1%} | {r['step_time_s']:.4g} | {r['pred_step_time_s']:.4g} | {r['time_err']:+.1%} |")
+    worst_t = max(abs(r["time_err"]) for r in summary)
+    worst_m = max(abs(r["mem_err"]) for r in summary)
+    lines += ["", f"Largest errors: memory {worst_m:.1%}, step time {worst_t:.1%}."]
+    record(a.results, f"plan-vs-measured-{a.preset}", header, lines, [],
+           {"rows": summary, "load_before": load_before, "load_after": load_after,
+            "profile": {k: profile.get(k) for k in ("compute", "concurrency_x", "links", "block_efficiency")}})
 
 
 if __name__ == "__main__":

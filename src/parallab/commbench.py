@@ -10,6 +10,13 @@ algbw = S / t, busbw = algbw * factor (all-reduce 2(n-1)/n, all-gather and reduc
 A least-squares alpha-beta fit per collective (on each size's fastest iteration) becomes the
 machine's measured link profile
 (``comm_profile.json`` in the run folder, and the cache the planner reads).
+
+On CPUs it also measures what no collective shows: how much slower a synchronous step is when
+every device computes at once than when one computes alone (``concurrency_x``; shared cache and
+memory bandwidth, the host's other work, the skew a synchronous step waits for). The same block
+of transformer work runs in every rank between barriers, the slowest rank's time counted, in
+rounds alternating with rank 0 working alone; the ratio of medians enters the planner's
+compute term (plan/speed.py).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ class CommSpec:
     backend: str = "auto"
     threads: int = 1
     timeout_s: float = 300.0
+    concurrency_rounds: int = 12  # CPUs only; 0: skip (about 0.6 s a round)
 
 
 # ---------------------------------------------------------------- inside every rank
@@ -95,12 +103,42 @@ def _run_rank(spec: CommSpec) -> None:
                              "iters": spec.iters, "warmup": spec.warmup,
                              "time_s": med, "time_min_s": lo, "time_max_s": hi,
                              "algbw_Bps": algbw, "busbw_Bps": algbw * bus_factor(coll, n)})
+        if not cuda and spec.concurrency_rounds > 0:
+            rows.append(_concurrency(spec.concurrency_rounds, n, r, info.backend))
         if r == 0:
             tmp = Path(spec.result_path + ".tmp")
             tmp.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
             os.replace(tmp, spec.result_path)
     finally:
         shutdown()
+
+
+def _concurrency(rounds: int, n: int, r: int, backend: str) -> dict:
+    """All ranks' block work between barriers (slowest rank's time) against rank 0's alone."""
+    import torch
+    import torch.distributed as dist
+
+    from parallab.plan.efficiency import _run_block
+
+    def work() -> float:
+        t0 = time.perf_counter()
+        _run_block(384, 6, 1536, 512, 128, 1, reps=1)
+        return time.perf_counter() - t0
+
+    together, alone = [], []
+    work()  # warm-up
+    for _ in range(rounds):
+        dist.barrier()
+        t = torch.tensor([work()], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        together.append(t.item())
+        dist.barrier()
+        if r == 0:
+            alone.append(work())
+        dist.barrier()
+    ratio = statistics.median(together) / statistics.median(alone) if r == 0 else 0.0
+    return {"collective": "compute", "world_size": n, "backend": backend, "device_type": "cpu",
+            "rounds": rounds, "together_s": together, "alone_s": alone, "concurrency_x": max(1.0, ratio)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,12 +204,17 @@ def run_comm_bench(*, devices: int = 2, sizes: tuple[int, ...] = DEFAULT_SIZES,
         _, reason = failure_reason(log_path.read_text(errors="replace"), rc)
         raise RuntimeError(f"bench-comm failed ({reason}); log: {log_path}")
     rows = [json.loads(l) for l in raw_path.read_text().splitlines() if l.strip()]
+    compute = [r for r in rows if r["collective"] == "compute"]
+    rows = [r for r in rows if r["collective"] != "compute"]
     results = folder.root / "comm.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
     fits = fit_rows(rows)
     profile = {"world_size": devices, "backend": rows[0]["backend"], "device_type": rows[0]["device_type"],
                "threads": threads, "model": "t = alpha * ceil(log2 n) + S * factor(n) / busbw",
                "links": fits}
+    if compute:
+        profile["concurrency_x"] = compute[0]["concurrency_x"]
+        profile["concurrency"] = compute[0]
     prof_path = folder.root / "comm_profile.json"
     prof_path.write_text(json.dumps(profile, indent=1))
     if update_cache and rows[0]["device_type"] == "cpu":
@@ -180,8 +223,15 @@ def run_comm_bench(*, devices: int = 2, sizes: tuple[int, ...] = DEFAULT_SIZES,
         cache = Path(cache_dir) if cache_dir else default_cache_dir()
         data = load_machine_profile(cache)
         data.update(links=fits, links_world_size=devices, links_source=str(prof_path))
+        from parallab.runtime.device import cpu_cores
+
+        if compute and devices <= cpu_cores():  # more ranks than cores measure time-sharing
+            data["concurrency_x"] = compute[0]["concurrency_x"]
         save_machine_profile(cache, data)
     console.print(comm_table(rows, fits))
+    if compute:
+        console.print(f"{devices} devices computing at once: a synchronous step takes "
+                      f"{compute[0]['concurrency_x']:.3f}x the time of one device alone (concurrency_x)")
     out = {"rows": rows, "fits": fits, "results": results, "profile": prof_path, "folder": folder.root}
     if plot:
         out["plot"] = plot_comm(rows, folder.root / "comm.png")
@@ -189,9 +239,12 @@ def run_comm_bench(*, devices: int = 2, sizes: tuple[int, ...] = DEFAULT_SIZES,
 
 
 def fit_rows(rows: list[dict]) -> dict[str, dict]:
-    """Alpha-beta fit per collective: {collective: {alpha_s, busbw}}, on each size's fastest
-    iteration (the slowest rank's): like the compute probe, the profile describes the links
-    when the machine is not shared, and one descheduled rank does not become "latency"."""
+    """Alpha-beta fit per collective: {collective: {alpha_s, busbw}}, on each size's median
+    iteration (the slowest rank's): the time a step's collective typically takes, as the step
+    time it predicts is a median. (Fits on the fastest iteration described an idealised link:
+    they put a 3 MiB all-reduce at 1.6 ms where the median is 3.5 ms on this 2-core VM, and
+    TP, with 34 such calls a step, came out 30 % too fast.) One descheduled iteration of ten
+    does not move a median."""
     from parallab.plan.profiles import fit_alpha_beta
 
     fits = {}
@@ -199,7 +252,7 @@ def fit_rows(rows: list[dict]) -> dict[str, dict]:
         rs = sorted((r for r in rows if r["collective"] == coll), key=lambda r: r["bytes"])
         if len(rs) < 2:
             continue
-        times = [r.get("time_min_s") or r["time_s"] for r in rs]
+        times = [r["time_s"] for r in rs]
         link = fit_alpha_beta([r["bytes"] for r in rs], times, coll, rs[0]["world_size"])
         fits[coll] = {"alpha_s": link.alpha_s, "busbw": link.busbw}
     return fits
@@ -265,4 +318,6 @@ def plot_comm(rows: list[dict], path: Path) -> Path:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from parallab.runtime.dist import worker_entry
+
+    worker_entry(main)

@@ -102,3 +102,13 @@ def test_comm_bench_two_ranks(tmp_path):
     assert load_machine_profile(cache)["links"] == out["fits"]
     prof = cpu_profile(cache, probe=False)
     assert prof.intra["all_reduce"].busbw == pytest.approx(out["fits"]["all_reduce"]["busbw"])
+    # Two devices computing at once against one alone: measured, kept in the run's profile and,
+    # on a machine with the cores for it, in the planner's.
+    conc = json.loads(out["profile"].read_text())["concurrency"]
+    assert len(conc["together_s"]) == len(conc["alone_s"]) == conc["rounds"] == 12
+    assert min(conc["together_s"] + conc["alone_s"]) > 0
+    assert 1.0 <= conc["concurrency_x"] < 10
+    from parallab.runtime.device import cpu_cores
+
+    expected = conc["concurrency_x"] if cpu_cores() >= 2 else 1.0
+    assert prof.concurrency_x == pytest.approx(expected)

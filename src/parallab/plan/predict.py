@@ -153,8 +153,17 @@ def predict_for_row(row: dict, baseline: dict | None = None, *, cache_dir: str |
     rate = calibrated_rate(shape, baseline, prof, optimizer) if _same_job(row, baseline) else None
     if rate is None and not cpu and row.get("peak_flops_per_device"):
         prof = replace(prof, peak_flops={**prof.peak_flops, dtype: row["peak_flops_per_device"]})
+    factor = None
+    if cpu and rate is not None:  # per-FLOP cost relative to the calibration run's micro-batch
+        from parallab.plan.efficiency import cost_factor
+
+        ref_tokens = baseline["global_batch"] / (baseline.get("microbatches") or 1) * shape.seq_len
+        cdir = Path(cache_dir) if cache_dir else None
+
+        def factor(tokens: float, tp: int) -> float:
+            return cost_factor(shape, tokens, tp, ref_tokens, cache_dir=cdir, probe=probe)
     st = step_time(shape, lay, global_batch=int(row["global_batch"]), prof=prof, dtype=dtype,
-                   prec=prec, rate=rate, optimizer=optimizer)
+                   prec=prec, rate=rate, optimizer=optimizer, cost_factor=factor)
     out["pred_step_time_s"] = st.total_s
     if row.get("step_time_median_s"):
         out["pred_step_time_err"] = st.total_s / row["step_time_median_s"] - 1

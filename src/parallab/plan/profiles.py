@@ -83,6 +83,9 @@ class DeviceProfile:
     fsdp_overhead_x: float = 0.0
     pipeline_op_overhead_x: float = 0.0   # per micro-batch forward or backward of a stage
     cores: int | None = None              # CPUs: more devices than cores share them
+    # CPUs: a synchronous step of several busy processes over one alone (shared cache and memory
+    # bandwidth, skew the step waits for); measured by ``parallab bench-comm`` (commbench.py).
+    concurrency_x: float = 1.0
     optimizer_s_per_param: float | None = None  # measured; else 80 bytes/param over mem_bandwidth
     source: str = "data sheet (typical values, not a measurement)"
     measured: dict = field(default_factory=dict)
@@ -167,6 +170,7 @@ def cpu_profile(cache_dir: Path | None = None, *, probe: bool = True) -> DeviceP
 
     cache_dir = Path(cache_dir or default_cache_dir())
     data = load_machine_profile(cache_dir)
+    cores = cpu_cores()
     if "compute" not in data and probe:
         data["compute"] = measure_compute()
         save_machine_profile(cache_dir, data)
@@ -177,7 +181,6 @@ def cpu_profile(cache_dir: Path | None = None, *, probe: bool = True) -> DeviceP
         "compute measured; links: typical gloo loopback values (run parallab bench-comm to measure)"
     intra = {c: Link(**links[c]) for c in COLLECTIVES} if links else _links(100e-6, 1.5e9)
     total = _total_memory()
-    cores = cpu_cores()
     return DeviceProfile(
         name=CPU_PROFILE, description=f"{cores} CPU processes of 1 thread ({cpu_model()}), gloo",
         peak_flops={"float32": comp["peak_flops"], "bfloat16": comp.get("peak_flops_bf16") or comp["peak_flops"] / 4},
@@ -191,6 +194,7 @@ def cpu_profile(cache_dir: Path | None = None, *, probe: bool = True) -> DeviceP
         # fsdp=2 and 2-stage pipelines against one device): about 15x and 5x a plain block's
         # dispatch cost per block, and 2x per pipeline micro-batch step (schedule, p2p).
         tp_overhead_x=15.0, fsdp_overhead_x=5.0, pipeline_op_overhead_x=2.0, cores=cores,
+        concurrency_x=data.get("concurrency_x", 1.0) if links else 1.0,
         optimizer_s_per_param=comp["optimizer_s_per_param"], source=source, measured=data)
 
 

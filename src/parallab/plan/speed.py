@@ -1,7 +1,9 @@
 """Time of one training step per strategy: computation, communication over the profile's
 alpha-beta links, the pipeline bubble, the optimizer step, and what overlap is assumed.
 
-    step = compute (slowest device, per-block dispatch overhead included)
+    step = compute (slowest device, per-block dispatch overhead included; on CPUs scaled by
+                   the measured cost per FLOP at the micro-batch's size and TP width, and by
+                   the slowdown of several processes busy at once: plan/efficiency.py)
          + bubble (pipelines: (p-1)/v idle micro-batch slots of m + (p-1)/v)
          + exposed communication (what the assumed overlap does not hide)
          + optimizer step (foreach AdamW over the device's parameters, memory-bound)
@@ -20,6 +22,7 @@ Communication volume per step and device, for a model of P parameters of e bytes
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from parallab.plan.memory import Layout, Precision, stage_layer_counts
@@ -80,9 +83,12 @@ def _spans(lay: Layout, inner: int, prof: DeviceProfile) -> bool:
 
 def step_time(shape: ModelShape, lay: Layout, *, global_batch: int, prof: DeviceProfile,
               dtype: str = "bfloat16", prec: Precision | None = None,
-              rate: float | None = None, optimizer: str = "adamw") -> StepTime:
+              rate: float | None = None, optimizer: str = "adamw",
+              cost_factor: Callable[[float, int], float] | None = None) -> StepTime:
     """Predicted step time of ``lay``; ``rate`` (FLOP/s per device) overrides the profile's
-    peak x efficiency (a measured single-device rate)."""
+    peak x efficiency (a measured single-device rate). ``cost_factor(tokens, tp)``: how much
+    slower a FLOP runs in a micro-batch of ``tokens`` tokens on a TP rank of ``tp`` than at the
+    rate's own point (plan/efficiency.cost_factor); 1 when not given."""
     prec = prec or Precision.for_dtype(dtype)
     rate = rate or prof.rate(dtype)
     out = StepTime(overlap=OVERLAP_NOTES.get(lay.strategy.replace("-zero2", ""), ""))
@@ -109,11 +115,14 @@ def step_time(shape: ModelShape, lay: Layout, *, global_batch: int, prof: Device
     device_flops_mb = flops_step * share / (dp * f * t) / m
     overhead = prof.block_overhead_s * (1 + (prof.tp_overhead_x if t > 1 else 0)
                                         + (prof.fsdp_overhead_x if f > 1 else 0))
-    per_mb = device_flops_mb / rate + max(counts) * overhead
+    scale = cost_factor(mb_tokens, t) if cost_factor else 1.0
+    per_mb = device_flops_mb / rate * scale + max(counts) * overhead
     if p > 1:  # the schedule's own work per micro-batch: one forward and one backward step per chunk
         per_mb += 2 * v * prof.pipeline_op_overhead_x * prof.block_overhead_s
     if prof.cores and lay.devices > prof.cores:  # oversubscribed CPU devices share the cores
         per_mb *= lay.devices / prof.cores
+    elif prof.cores and lay.devices > 1:  # busy processes slow each other (shared cache, skew)
+        per_mb *= prof.concurrency_x
     out.compute_s = m * per_mb
     if p > 1:
         slots = (p - 1) / v
