@@ -391,3 +391,26 @@ def test_step_time_applies_cost_factor_and_concurrency():
     assert t2.compute_s == pytest.approx(1.25 * calm.compute_s)  # two busy processes
     assert step_time(shape, lay1, global_batch=16, prof=prof, dtype="float32", rate=1e10).compute_s \
         == base.compute_s  # one device: no concurrency
+
+
+def test_oversubscription_counts_only_stages_busy_at_once():
+    """4 CPU devices on 2 cores: DDP's 4 ranks share the cores (2x), a naive 4-stage pipeline
+    has one stage busy at a time (no sharing, no concurrency), 1F1B with 8 micro-batches keeps
+    all 4 busy (2x), 2 micro-batches keep 2 busy (concurrency only)."""
+    import dataclasses
+
+    from parallab.plan.speed import step_time
+
+    shape = model_shape("gpt", "small")
+    cpu = dataclasses.replace(BUILTIN["h100-sxm-nvlink"], cores=2, concurrency_x=1.25)
+    free = dataclasses.replace(cpu, cores=None)
+
+    def ratio(lay):
+        kw = dict(global_batch=16, dtype="float32", rate=1e10)
+        return step_time(shape, lay, prof=cpu, **kw).compute_s / step_time(shape, lay, prof=free, **kw).compute_s
+
+    assert ratio(Layout(strategy="ddp", devices=4, dp=4)) == pytest.approx(2.0)
+    assert ratio(Layout(strategy="pipeline", devices=4, pp=4, microbatches=1)) == pytest.approx(1.0)
+    assert ratio(Layout(strategy="pipeline", devices=4, pp=4, microbatches=8)) == pytest.approx(2.0)
+    assert ratio(Layout(strategy="pipeline", devices=4, pp=4, microbatches=2)) == pytest.approx(1.25)
+    assert ratio(Layout(strategy="pipeline", devices=2, pp=2, microbatches=1)) == pytest.approx(1.0)

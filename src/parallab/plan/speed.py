@@ -119,9 +119,12 @@ def step_time(shape: ModelShape, lay: Layout, *, global_batch: int, prof: Device
     per_mb = device_flops_mb / rate * scale + max(counts) * overhead
     if p > 1:  # the schedule's own work per micro-batch: one forward and one backward step per chunk
         per_mb += 2 * v * prof.pipeline_op_overhead_x * prof.block_overhead_s
-    if prof.cores and lay.devices > prof.cores:  # oversubscribed CPU devices share the cores
-        per_mb *= lay.devices / prof.cores
-    elif prof.cores and lay.devices > 1:  # busy processes slow each other (shared cache, skew)
+    # CPUs: processes computing at the same time. A pipeline keeps at most min(p, m) of its
+    # stages busy at once (one, the naive m = 1 split), so its idle stages cost no core.
+    busy = lay.devices if p == 1 else lay.devices // p * min(p, m)
+    if prof.cores and busy > prof.cores:  # oversubscribed CPU devices share the cores
+        per_mb *= busy / prof.cores
+    elif prof.cores and busy > 1:  # busy processes slow each other (shared cache, skew)
         per_mb *= prof.concurrency_x
     out.compute_s = m * per_mb
     if p > 1:
