@@ -30,7 +30,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--pin", action="store_true",
+                    help="bind each rank to its own core(s) (measured: no faster, docs/TORCH-NOTES-parallab.md)")
     a = ap.parse_args()
+    if a.pin:  # before gloo's threads exist, so that they inherit the mask
+        cores = sorted(os.sched_getaffinity(0))
+        lr = int(os.environ.get("LOCAL_RANK", 0))
+        os.sched_setaffinity(0, set(cores[lr * a.threads % len(cores):][:a.threads]))
 
     from parallab.models.gpt import GPT
     from parallab.models.registry import GPT_PRESETS

@@ -4,6 +4,7 @@
     memory.py    memory per device of a training step, replayed allocation by allocation
     profiles.py  device and interconnect profiles (built-in GPUs, this machine measured)
     speed.py     step time: compute, alpha-beta communication, bubble, overlap
+    efficiency.py  CPUs: cost per FLOP at a micro-batch's size and TP width (a probed block)
     planner.py   every strategy and mix on N devices, ranked
     render.py    rich table, markdown, JSON
     predict.py   predicted against measured for a result row
