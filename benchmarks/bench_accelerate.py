@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_train import run_parallab, run_raw  # noqa: E402
-from benchlib import attempt, machine_ceiling, raw_failure, record  # noqa: E402
+from benchlib import attempt, machine_ceiling, record, run_samples_per_s  # noqa: E402
 
 
 def run_accelerate(devices: int, a) -> float:
@@ -36,11 +34,7 @@ def run_accelerate(devices: int, a) -> float:
            "--main_process_port", str(free_port()), str(HERE / "accelerate_train.py"),
            "--preset", a.preset, "--global-batch", str(a.global_batch), "--steps", str(a.steps),
            "--warmup", str(a.warmup)]
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-    if proc.returncode != 0:
-        raise raw_failure("accelerate", proc)
-    return json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][-1])["samples_per_s"]
+    return run_samples_per_s(cmd, "accelerate", env={"ACCELERATE_USE_CPU": "1"})
 
 
 def main() -> int:

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from benchlib import attempt, raw_failure, record  # noqa: E402
+from benchlib import attempt, record, run_samples_per_s  # noqa: E402
 CASES = [("single", "single", 1), ("replicas", "replicas", 2), ("pipeline", "pipeline", 2)]
 
 
@@ -60,10 +58,7 @@ def run_raw(mode: str, devices: int, a) -> float:
            "127.0.0.1", "--master-port", str(free_port()), str(HERE / "raw_infer.py"), "--mode", mode,
            "--preset", a.preset, "--batch", str(a.batch), "--microbatches", str(a.microbatches),
            "--requests", str(a.requests)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    if proc.returncode != 0:
-        raise raw_failure(mode, proc)
-    return json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][-1])["samples_per_s"]
+    return run_samples_per_s(cmd, mode)
 
 
 def main() -> int:

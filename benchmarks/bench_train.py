@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from benchlib import attempt, machine_ceiling, raw_failure, record  # noqa: E402
+from benchlib import attempt, machine_ceiling, record, run_samples_per_s  # noqa: E402
 
 # (label, parallab strategy, devices, raw mode)
 CASES = [("single", "single", 1, "single"), ("ddp", "ddp", 2, "ddp"), ("fsdp", "fsdp", 2, "fsdp"),
@@ -56,12 +54,7 @@ def run_raw(mode: str, devices: int, a) -> float:
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(HERE / "raw_train.py"),
            "--mode", mode, "--preset", a.preset, "--global-batch", str(a.global_batch),
            "--microbatches", str(a.microbatches), "--steps", str(a.steps), "--warmup", str(a.warmup)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-    if proc.returncode != 0:
-        raise raw_failure(mode, proc)
-    line = [l for l in proc.stdout.splitlines() if l.startswith("{")][-1]
-    return json.loads(line)["samples_per_s"]
+    return run_samples_per_s(cmd, mode)
 
 
 def main() -> int:

@@ -29,6 +29,18 @@ def raw_failure(mode: str, proc: subprocess.CompletedProcess) -> RuntimeError:
     return RuntimeError(f"raw {mode}: exit {proc.returncode}: {' | '.join(cause[:6]) or proc.stderr[-800:]}")
 
 
+def run_samples_per_s(cmd: list[str], tag: str, env: dict | None = None) -> float:
+    """Run a benchmark loop (torchrun or accelerate launch, one thread per process) and return
+    ``samples_per_s`` from the last JSON line it prints; its error lines if it fails."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if proc.returncode != 0:
+        raise raw_failure(tag, proc)
+    import json
+
+    return json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][-1])["samples_per_s"]
+
+
 def attempt(fn, failures: list[str], tag: str):
     """``fn()``, or None with the failure noted: one failed run (a dropped gloo connection, say)
     must not lose the rest of a long benchmark."""

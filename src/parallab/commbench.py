@@ -7,7 +7,7 @@ ranks (a collective is as slow as its slowest participant). Bandwidths follow nc
 algbw = S / t, busbw = algbw * factor (all-reduce 2(n-1)/n, all-gather and reduce-scatter
 (n-1)/n, send/recv 1), S the whole tensor (all-gather's output, reduce-scatter's input).
 
-A least-squares alpha-beta fit per collective (on each size's fastest iteration) becomes the
+A least-squares alpha-beta fit per collective (on each size's median iteration) becomes the
 machine's measured link profile
 (``comm_profile.json`` in the run folder, and the cache the planner reads).
 
@@ -44,7 +44,7 @@ class CommSpec:
     backend: str = "auto"
     threads: int = 1
     timeout_s: float = 300.0
-    concurrency_rounds: int = 12  # CPUs only; 0: skip (about 0.6 s a round)
+    concurrency_rounds: int = 12  # CPUs only; 0: skip (about 0.3 s a round)
 
 
 # ---------------------------------------------------------------- inside every rank
@@ -118,11 +118,13 @@ def _concurrency(rounds: int, n: int, r: int, backend: str) -> dict:
     import torch
     import torch.distributed as dist
 
-    from parallab.plan.efficiency import _run_block
+    from parallab.plan.efficiency import block_step
 
-    def work() -> float:
+    step = block_step(384, 6, 1536, 512, 128, 1)  # a small-GPT block, 4 sequences
+
+    def work() -> float:  # wall time: waiting for the shared core or cache counts here
         t0 = time.perf_counter()
-        _run_block(384, 6, 1536, 512, 128, 1, reps=1)
+        step()
         return time.perf_counter() - t0
 
     together, alone = [], []

@@ -43,7 +43,7 @@ def block_flops(d: int, heads: int, d_ff: int, tokens: int, seq_len: int, tp: in
     return 3 * (proj + attn)
 
 
-def _block_step(d: int, heads: int, d_ff: int, tokens: int, seq_len: int, tp: int):
+def block_step(d: int, heads: int, d_ff: int, tokens: int, seq_len: int, tp: int):
     """A function that runs one block's forward and backward on a TP rank of ``tp`` (local
     widths) for ``tokens`` tokens and returns its thread CPU seconds."""
     import torch
@@ -73,14 +73,6 @@ def _block_step(d: int, heads: int, d_ff: int, tokens: int, seq_len: int, tp: in
     return step
 
 
-def _run_block(d: int, heads: int, d_ff: int, tokens: int, seq_len: int, tp: int,
-               reps: int = 5) -> float:
-    """Fastest thread CPU seconds of one block's forward and backward over ``reps`` runs."""
-    step = _block_step(d, heads, d_ff, tokens, seq_len, tp)
-    step()  # warm-up: allocations, first touch
-    return max(min(step() for _ in range(reps)), 1e-9)
-
-
 def measure_ratio(d: int, heads: int, d_ff: int, seq_len: int, point: tuple[int, int],
                   ref: tuple[int, int], budget_s: float = 2.0) -> float:
     """Seconds per FLOP at ``point`` (tokens, tp) over seconds per FLOP at ``ref``, the two run
@@ -90,8 +82,8 @@ def measure_ratio(d: int, heads: int, d_ff: int, seq_len: int, point: tuple[int,
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        a = _block_step(d, heads, d_ff, point[0], seq_len, point[1])
-        b = _block_step(d, heads, d_ff, ref[0], seq_len, ref[1])
+        a = block_step(d, heads, d_ff, point[0], seq_len, point[1])
+        b = block_step(d, heads, d_ff, ref[0], seq_len, ref[1])
         warm = a() + b()
         reps = max(5, min(40, int(budget_s / max(warm, 1e-6))))
         ta, tb = [], []

@@ -159,9 +159,8 @@ def predict_for_row(row: dict, baseline: dict | None = None, *, cache_dir: str |
 
         ref_tokens = baseline["global_batch"] / (baseline.get("microbatches") or 1) * shape.seq_len
         cdir = Path(cache_dir) if cache_dir else None
-
-        def factor(tokens: float, tp: int) -> float:
-            return cost_factor(shape, tokens, tp, ref_tokens, cache_dir=cdir, probe=probe)
+        factor = lambda tokens, tp: cost_factor(shape, tokens, tp, ref_tokens,  # noqa: E731
+                                                cache_dir=cdir, probe=probe)
     st = step_time(shape, lay, global_batch=int(row["global_batch"]), prof=prof, dtype=dtype,
                    prec=prec, rate=rate, optimizer=optimizer, cost_factor=factor)
     out["pred_step_time_s"] = st.total_s

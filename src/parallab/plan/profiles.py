@@ -170,7 +170,6 @@ def cpu_profile(cache_dir: Path | None = None, *, probe: bool = True) -> DeviceP
 
     cache_dir = Path(cache_dir or default_cache_dir())
     data = load_machine_profile(cache_dir)
-    cores = cpu_cores()
     if "compute" not in data and probe:
         data["compute"] = measure_compute()
         save_machine_profile(cache_dir, data)
@@ -181,6 +180,7 @@ def cpu_profile(cache_dir: Path | None = None, *, probe: bool = True) -> DeviceP
         "compute measured; links: typical gloo loopback values (run parallab bench-comm to measure)"
     intra = {c: Link(**links[c]) for c in COLLECTIVES} if links else _links(100e-6, 1.5e9)
     total = _total_memory()
+    cores = cpu_cores()
     return DeviceProfile(
         name=CPU_PROFILE, description=f"{cores} CPU processes of 1 thread ({cpu_model()}), gloo",
         peak_flops={"float32": comp["peak_flops"], "bfloat16": comp.get("peak_flops_bf16") or comp["peak_flops"] / 4},
