@@ -10,9 +10,9 @@ micro-batches and TP were predicted 20-25 % too fast.
 The probe times what one device really computes for one block: layer norms, the qkv and
 output projections, attention and the MLP with the local widths of a TP rank, forward and
 backward, in the thread's CPU time (other processes on the machine do not count). The point
-and its reference run in turn, many times, and the fastest run of each counts: this VM's speed
-per FLOP drifts by 10-15 % over minutes (neighbours in the shared cache), which two separately
-timed points would mistake for an efficiency. The ratio is cached per block shape in the
+and its reference run in turn, many times, and the median of the pairs' ratios counts: this
+VM's speed per FLOP drifts by 10-15 % over minutes (neighbours in the shared cache), which two
+separately timed points would mistake for an efficiency. The ratio is cached per block shape in the
 machine profile (plan/profiles.py), so a sweep pays for each point once: about two seconds
 for the small preset.
 
@@ -22,6 +22,7 @@ no TP), the correction applied to a rate calibrated at ``ref_tokens``.
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def block_step(d: int, heads: int, d_ff: int, tokens: int, seq_len: int, tp: int
 def measure_ratio(d: int, heads: int, d_ff: int, seq_len: int, point: tuple[int, int],
                   ref: tuple[int, int], budget_s: float = 2.0) -> float:
     """Seconds per FLOP at ``point`` (tokens, tp) over seconds per FLOP at ``ref``, the two run
-    in turn (at least 5 runs each, about ``budget_s`` seconds in all), fastest run of each."""
+    in turn (at least 5 runs each, about ``budget_s`` seconds in all), median of the pairs."""
     import torch
 
     old = torch.get_num_threads()
@@ -94,7 +95,11 @@ def measure_ratio(d: int, heads: int, d_ff: int, seq_len: int, point: tuple[int,
         torch.set_num_threads(old)
     fa = block_flops(d, heads, d_ff, point[0], seq_len, point[1])
     fb = block_flops(d, heads, d_ff, ref[0], seq_len, ref[1])
-    return (max(min(ta), 1e-9) / fa) / (max(min(tb), 1e-9) / fb)
+    # Each pair ran back to back, so its ratio cancels the machine's slow drift; the median
+    # of the pairs' ratios ignores a pair a burst of load hit. (The fastest run of each point
+    # favoured the shorter one, which more often fits into a quiet moment: it put 8 sequences
+    # at 0.90x the cost per FLOP of 16, where the small GPT's real steps show 1.0-1.03x.)
+    return statistics.median((a_ / fa) / max(b_ / fb, 1e-18) for a_, b_ in zip(ta, tb))
 
 
 def _key(shape: ModelShape) -> str:
