@@ -86,8 +86,9 @@ def test_comm_bench_two_ranks(tmp_path):
     from parallab.plan.profiles import bus_factor, cpu_profile, load_machine_profile
 
     cache = tmp_path / ".cache"
+    block = (32, 2, 4, 16, 4)  # a model's width to measure TP and FSDP at: tiny, for speed
     out = run_comm_bench(devices=2, sizes=(4096, 65536, 1 << 20), iters=3, warmup=1, out_dir=str(tmp_path),
-                         run_id="comm", cache_dir=cache)
+                         run_id="comm", cache_dir=cache, block=block)
     rows = out["rows"]
     assert len(rows) == 4 * 3
     for r in rows:
@@ -112,3 +113,36 @@ def test_comm_bench_two_ranks(tmp_path):
 
     expected = conc["concurrency_x"] if cpu_cores() >= 2 else 1.0
     assert prof.concurrency_x == pytest.approx(expected)
+    # TP's and FSDP's fixed cost per block over the plain model, measured on the same ranks.
+    from parallab.commbench import overhead_per_block
+
+    saved = json.loads(out["profile"].read_text())
+    steps = saved["overhead"]["step_s"]
+    assert set(steps) == {"plain", "tp", "fsdp"} and min(steps.values()) > 0
+    assert steps["tp"] > steps["plain"]  # DTensor dispatch and 18 all-reduces are not free
+    per = saved["overhead_per_block_s"]
+    assert per == pytest.approx(overhead_per_block(saved["overhead"], out["fits"]))
+    if cpu_cores() >= 2:
+        assert prof.tp_overhead_x == pytest.approx(per["tp"] / 1e-3)  # no compute probe cached
+    # TP and FSDP at the given width: every run timed, the costs derived from them and cached
+    # under the width for predictions (plan/predict.measured_block_extra).
+    from parallab.commbench import block_extra, block_key
+
+    (measured,) = saved["block"]
+    assert measured["block"] == list(block) and measured["layers"] == 2
+    assert set(measured["step_s"]) == {"tp", "plain-tp", "tp-layers", "plain-tp-layers", "fsdp", "plain-fsdp"}
+    assert min(measured["step_s"].values()) > 0
+    extra = block_extra(measured, out["fits"])
+    assert saved["block_extra_s"] == {block_key(*block[:4]): {"b4-n2": extra}}
+    assert min(extra.values()) >= 0
+    if cpu_cores() >= 2:
+        assert load_machine_profile(cache)["block_extra_s"] == saved["block_extra_s"]
+
+
+def test_comm_bench_refuses_a_block_that_does_not_split(tmp_path):
+    from parallab.commbench import run_comm_bench
+    from parallab.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"block=\[32, 3, 4, 16, 4\]: n_heads must split 2 ways"):
+        run_comm_bench(devices=2, out_dir=str(tmp_path), block=(32, 3, 4, 16, 4))
+    assert not list(tmp_path.iterdir())  # refused before anything was launched or written

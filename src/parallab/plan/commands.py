@@ -81,6 +81,11 @@ class CommBenchArgs:
     timeout_s: float = 600.0
     update_cache: bool = True
     """Save the fit as this machine's measured links (out_dir/.cache)."""
+    calibrate_model: str | None = None
+    """A gpt preset (e.g. small): also measure TP's and FSDP's cost per block at its width
+    (CPUs), which predictions of that model then use (docs/PLAN.md)."""
+    calibrate_batch: int = 16
+    """Sequences per micro-batch over the devices for calibrate_model (the sweep's global batch)."""
 
 
 def _rate_from_baseline(path: str, shape, profile) -> float:
@@ -170,6 +175,18 @@ def cmd_bench_comm(args: CommBenchArgs) -> int:
         raise ConfigError(f"size_factor={args.size_factor} must be at least 2")
     if args.threads_per_device < 1:
         raise ConfigError(f"threads_per_device={args.threads_per_device} must be at least 1")
+    block = None
+    if args.calibrate_model is not None:
+        from parallab.plan.shapes import model_shape
+
+        try:
+            shape = model_shape("gpt", args.calibrate_model)
+        except ConfigError as e:
+            raise ConfigError(f"calibrate_model={args.calibrate_model!r}: {e}") from None
+        if args.calibrate_batch < args.devices:
+            raise ConfigError(f"calibrate_batch={args.calibrate_batch} must be at least devices={args.devices} "
+                              f"(a sequence per device)")
+        block = (shape.d_model, shape.n_heads, shape.mlp_ratio, shape.seq_len, args.calibrate_batch)
     sizes, s = [], lo
     while s <= hi:
         sizes.append(s)
@@ -177,7 +194,7 @@ def cmd_bench_comm(args: CommBenchArgs) -> int:
     out = run_comm_bench(devices=args.devices, sizes=tuple(sizes), collectives=tuple(args.collectives),
                          iters=args.iters, warmup=args.warmup, out_dir=args.out_dir, run_id=args.run_id,
                          backend=args.backend, threads=args.threads_per_device, timeout_s=args.timeout_s,
-                         cache_dir=Path(args.out_dir) / ".cache", update_cache=args.update_cache)
+                         cache_dir=Path(args.out_dir) / ".cache", update_cache=args.update_cache, block=block)
     for key in ("results", "profile", "plot"):
         print(f"{key}: {out[key]}")
     return 0

@@ -23,7 +23,7 @@ the device really holds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from parallab.plan.shapes import ModelShape
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from parallab.config import ConfigError
 from parallab.plan.memory import Layout, MemoryBreakdown, Precision, step_memory
+from parallab.plan.predict import measured_block_extra
 from parallab.plan.profiles import DeviceProfile
 from parallab.plan.shapes import ModelShape, fmt_bytes
 from parallab.plan.speed import StepTime, step_time
@@ -166,8 +167,11 @@ def plan(shape: ModelShape, *, devices: list[int], profile: DeviceProfile, memor
             res = StrategyResult(strategy, n, tried=len(layouts), skipped=why)
             for lay in layouts:
                 mem = step_memory(shape, lay, global_batch=global_batch, prec=prec)
+                # On the measured CPU profile, TP's and FSDP's costs at this width where
+                # bench-comm --calibrate-model measured them (an empty table elsewhere).
                 st = step_time(shape, lay, global_batch=global_batch, prof=profile, dtype=dtype,
-                               prec=prec, rate=rate)
+                               prec=prec, rate=rate,
+                               block_extra=measured_block_extra(shape, lay, global_batch, profile))
                 cand = Candidate(lay, mem, st, mem.total <= usable)
                 if res.best is None or _better(cand, res.best):
                     res.best = cand

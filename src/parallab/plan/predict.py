@@ -120,6 +120,29 @@ def optimizer_of_row(row: dict) -> str:
     return "adamw"
 
 
+def measured_block_extra(shape: ModelShape, lay: Layout, global_batch: int,
+                         prof: DeviceProfile) -> dict[str, float] | None:
+    """TP's and FSDP's measured cost per block beyond a rank's share and its modelled
+    collectives (``parallab bench-comm`` with a model's block, commbench._block_cost), for this
+    model's width, the layout's micro-batch and degree; None when not measured. GPT blocks are
+    what it measures, so only the gpt family takes it."""
+    if (lay.tp < 2 and lay.fsdp < 2) or shape.family != "gpt":
+        return None
+    from parallab.commbench import block_key
+
+    seqs = global_batch // lay.dp // (lay.microbatches if lay.pp > 1 else 1)
+    table = (prof.measured.get("block_extra_s") or {}).get(
+        block_key(shape.d_model, shape.n_heads, shape.mlp_ratio, shape.seq_len)) or {}
+    out = {}
+    for name, degree in (("tp", lay.tp), ("fsdp", lay.fsdp)):
+        point = table.get(f"b{seqs}-n{degree}") if degree > 1 else None
+        if point and point.get(name) is not None:
+            out[name] = point[name]
+            if name == "tp":
+                out["tp_root"] = point.get("tp_root", 0.0)
+    return out or None
+
+
 def predict_for_row(row: dict, baseline: dict | None = None, *, cache_dir: str | Path | None = None,
                     probe: bool = True, overrides: dict | None = None, optimizer: str | None = None) -> dict:
     """``pred_step_time_s``, ``pred_peak_mem_bytes`` and their relative errors for a result row.
@@ -162,7 +185,8 @@ def predict_for_row(row: dict, baseline: dict | None = None, *, cache_dir: str |
         factor = lambda tokens, tp: cost_factor(shape, tokens, tp, ref_tokens,  # noqa: E731
                                                 cache_dir=cdir, probe=probe)
     st = step_time(shape, lay, global_batch=int(row["global_batch"]), prof=prof, dtype=dtype,
-                   prec=prec, rate=rate, optimizer=optimizer, cost_factor=factor)
+                   prec=prec, rate=rate, optimizer=optimizer, cost_factor=factor,
+                   block_extra=measured_block_extra(shape, lay, int(row["global_batch"]), prof) if cpu else None)
     out["pred_step_time_s"] = st.total_s
     if row.get("step_time_median_s"):
         out["pred_step_time_err"] = st.total_s / row["step_time_median_s"] - 1

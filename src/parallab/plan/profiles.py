@@ -190,12 +190,21 @@ def cpu_profile(cache_dir: Path | None = None, *, probe: bool = True) -> DeviceP
         # a measured 1-device run (predict_for_row's baseline, plan --baseline) replaces it.
         devices_per_node=cores, intra=intra, inter=intra, efficiency=comp.get("efficiency", 0.7),
         overlap=0.0, block_overhead_s=comp["block_overhead_s"],
-        # Measured on a 2-core Xeon VM, torch 2.13, debug GPT (CPU time per step, tp=2,
-        # fsdp=2 and 2-stage pipelines against one device): about 15x and 5x a plain block's
-        # dispatch cost per block, and 2x per pipeline micro-batch step (schedule, p2p).
-        tp_overhead_x=15.0, fsdp_overhead_x=5.0, pipeline_op_overhead_x=2.0, cores=cores,
+        # TP's and FSDP's fixed cost per block: measured by bench-comm on this machine's
+        # devices (commbench._strategy_overheads) when it ran; else the values measured once on
+        # a 2-core Xeon VM, torch 2.13, debug GPT (CPU time per step, tp=2, fsdp=2 and 2-stage
+        # pipelines against one device): about 15x and 5x a plain block's dispatch cost, and 2x
+        # per pipeline micro-batch step (schedule, p2p).
+        tp_overhead_x=_overhead_x(data, "tp", comp["block_overhead_s"], 15.0),
+        fsdp_overhead_x=_overhead_x(data, "fsdp", comp["block_overhead_s"], 5.0),
+        pipeline_op_overhead_x=2.0, cores=cores,
         concurrency_x=data.get("concurrency_x", 1.0) if links else 1.0,
         optimizer_s_per_param=comp["optimizer_s_per_param"], source=source, measured=data)
+
+
+def _overhead_x(data: dict, strategy: str, block_s: float, default: float) -> float:
+    measured = (data.get("overhead_per_block_s") or {}).get(strategy) if data.get("links") else None
+    return default if measured is None else measured / max(block_s, 1e-9)
 
 
 def _total_memory() -> int:

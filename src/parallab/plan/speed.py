@@ -84,11 +84,17 @@ def _spans(lay: Layout, inner: int, prof: DeviceProfile) -> bool:
 def step_time(shape: ModelShape, lay: Layout, *, global_batch: int, prof: DeviceProfile,
               dtype: str = "bfloat16", prec: Precision | None = None,
               rate: float | None = None, optimizer: str = "adamw",
-              cost_factor: Callable[[float, int], float] | None = None) -> StepTime:
+              cost_factor: Callable[[float, int], float] | None = None,
+              block_extra: dict[str, float] | None = None) -> StepTime:
     """Predicted step time of ``lay``; ``rate`` (FLOP/s per device) overrides the profile's
     peak x efficiency (a measured single-device rate). ``cost_factor(tokens, tp)``: how much
     slower a FLOP runs in a micro-batch of ``tokens`` tokens on a TP rank of ``tp`` than at the
-    rate's own point (plan/efficiency.cost_factor); 1 when not given."""
+    rate's own point (plan/efficiency.cost_factor); 1 when not given. ``block_extra``: {"tp": s,
+    "tp_root": s, "fsdp": s}, a TP or FSDP rank's measured cost per block (tp_root: per
+    micro-batch, outside the blocks) beyond its share of the FLOPs and its modelled collectives,
+    at this width and micro-batch
+    (commbench._block_cost); it replaces the profile's dispatch overhead of that technique
+    (and, for TP, the narrow-matmul part of ``cost_factor``; for FSDP, the modelled copies)."""
     prec = prec or Precision.for_dtype(dtype)
     rate = rate or prof.rate(dtype)
     out = StepTime(overlap=OVERLAP_NOTES.get(lay.strategy.replace("-zero2", ""), ""))
@@ -113,9 +119,20 @@ def step_time(shape: ModelShape, lay: Layout, *, global_batch: int, prof: Device
     if lay.ac:  # one more forward of every block in backward
         flops_step *= 4 / 3
     device_flops_mb = flops_step * share / (dp * f * t) / m
-    overhead = prof.block_overhead_s * (1 + (prof.tp_overhead_x if t > 1 else 0)
-                                        + (prof.fsdp_overhead_x if f > 1 else 0))
-    scale = cost_factor(mb_tokens, t) if cost_factor else 1.0
+    extra = block_extra or {}
+    measured_tp = t > 1 and extra.get("tp") is not None
+    measured_fsdp = f > 1 and extra.get("fsdp") is not None
+    overhead = prof.block_overhead_s * (1 + (prof.tp_overhead_x if t > 1 and not measured_tp else 0)
+                                        + (prof.fsdp_overhead_x if f > 1 and not measured_fsdp else 0))
+    # Measured with every rank busy (commbench._block_cost), so not scaled by concurrency below.
+    measured_mb = 0.0
+    if measured_tp:  # the plain block's dispatch is shared like its FLOPs; the rest was measured
+        overhead -= prof.block_overhead_s * (1 - 1 / t)
+        # vocabulary-parallel embedding, head and loss: once per micro-batch
+        measured_mb += max(counts) * extra["tp"] + extra.get("tp_root", 0.0)
+    if measured_fsdp:
+        measured_mb += max(counts) * extra["fsdp"]
+    scale = cost_factor(mb_tokens, 1 if measured_tp else t) if cost_factor else 1.0
     per_mb = device_flops_mb / rate * scale + max(counts) * overhead
     if p > 1:  # the schedule's own work per micro-batch: one forward and one backward step per chunk
         per_mb += 2 * v * prof.pipeline_op_overhead_x * prof.block_overhead_s
@@ -126,6 +143,7 @@ def step_time(shape: ModelShape, lay: Layout, *, global_batch: int, prof: Device
         per_mb *= busy / prof.cores
     elif prof.cores and busy > 1:  # busy processes slow each other (shared cache, skew)
         per_mb *= prof.concurrency_x
+    per_mb += measured_mb
     out.compute_s = m * per_mb
     if p > 1:
         slots = (p - 1) / v
@@ -177,7 +195,7 @@ def step_time(shape: ModelShape, lay: Layout, *, global_batch: int, prof: Device
         # FSDP2 copies each block's shard into the all-gather buffer and out of it into the
         # unsharded parameters (forward and backward), and the gradients into the
         # reduce-scatter buffer: about 2 passes per gather + 2, over the unsharded bytes.
-        out.copies_s = (2 * gathers + 2) * stage_params * e / prof.mem_bandwidth
+        out.copies_s = 0.0 if measured_fsdp else (2 * gathers + 2) * stage_params * e / prof.mem_bandwidth
         hideable += t_ag + t_rs - first
         window += out.compute_s
     if t > 1:
