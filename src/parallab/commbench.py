@@ -162,6 +162,41 @@ def overhead_model(n: int) -> dict:
     return dict(vocab_size=32 * heads, seq_len=8, d_model=8 * heads, n_layers=4, n_heads=heads)
 
 
+def _alternate(runs: dict, loss, rounds: int, warmup: int) -> dict[str, float]:
+    """Time every run of ``runs`` ({name: (module, parallelized or None, input)}) in turn, each
+    between barriers on all ranks, ``warmup`` + ``rounds`` rounds: forward, ``loss`` (the input
+    as targets) and backward of a model on tokens, or of a stack of blocks (a ModuleDict) on
+    hidden states. The slowest rank's wall time counts; median over the timed rounds."""
+    import torch
+    import torch.distributed as dist
+
+    def step(module, par, x) -> float:
+        t0 = time.perf_counter()
+        if x.is_floating_point():
+            h = x
+            for blk in module.values():
+                h = blk(h)
+            h.sum().backward()
+        elif par is None:
+            loss(module(x), x).backward()
+        else:
+            with par.loss_context():
+                loss(module(x), x).backward()
+        return time.perf_counter() - t0
+
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for i in range(warmup + rounds):
+        for name, (module, par, x) in runs.items():
+            dist.barrier()
+            t = torch.tensor([step(module, par, x)], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            module.zero_grad(set_to_none=True)
+            x.grad = None
+            if i >= warmup:
+                times[name].append(t.item())
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def _strategy_overheads(rounds: int, n: int, r: int, backend: str) -> dict:
     """The fixed cost per transformer block that tensor parallelism and FSDP add on this
     machine's devices: a tiny GPT's forward and backward (one sequence of 8 tokens) under
@@ -172,7 +207,6 @@ def _strategy_overheads(rounds: int, n: int, r: int, backend: str) -> dict:
     that waits for it (the launcher subtracts the collectives' modelled latency, which the
     planner counts apart). On GPUs the host runs ahead of the device and hides this cost."""
     import torch
-    import torch.distributed as dist
 
     from parallab.models.registry import build_meta, get_family
     from parallab.parallel.dims import dims_for
@@ -181,35 +215,13 @@ def _strategy_overheads(rounds: int, n: int, r: int, backend: str) -> dict:
     family = get_family("gpt")
     shape = overhead_model(n)
     cfg = family.config("debug", shape)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, cfg.vocab_size, (1, cfg.seq_len), generator=g)
-    y = torch.randint(0, cfg.vocab_size, (1, cfg.seq_len), generator=g)
-    plain = family.build(cfg)
-    cpu = torch.device("cpu")
-    models = {"plain": (plain, None)}
+    x = torch.randint(0, cfg.vocab_size, (1, cfg.seq_len), generator=torch.Generator().manual_seed(0))
+    runs = {"plain": (family.build(cfg), None, x)}
     for strategy in ("tp", "fsdp"):
-        par = parallelize(build_meta(family, cfg), family, cfg, dims_for(strategy, n), device=cpu, seed=0)
-        models[strategy] = (par.module, par)
-
-    def step(module, par) -> float:
-        t0 = time.perf_counter()
-        if par is None:
-            family.loss(module(x), y).backward()
-        else:
-            with par.loss_context():
-                family.loss(module(x), y).backward()
-        return time.perf_counter() - t0
-
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for i in range(rounds + 2):  # two warm-up rounds
-        for name, (module, par) in models.items():
-            dist.barrier()
-            t = torch.tensor([step(module, par)], dtype=torch.float64)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            module.zero_grad(set_to_none=True)
-            if i >= 2:
-                times[name].append(t.item())
-    med = {k: statistics.median(v) for k, v in times.items()}
+        par = parallelize(build_meta(family, cfg), family, cfg, dims_for(strategy, n),
+                          device=torch.device("cpu"), seed=0)
+        runs[strategy] = (par.module, par, x)
+    med = _alternate(runs, family.loss, rounds, warmup=2)
     return {"collective": "overhead", "world_size": n, "backend": backend, "device_type": "cpu",
             "rounds": rounds, "model": shape, "layers": cfg.n_layers,
             "tokens": cfg.seq_len, "step_s": med}
@@ -234,7 +246,6 @@ def _block_cost(block: list[int], n: int, r: int, backend: str, rounds: int = 7)
     compute for the cores (on the 2-core VM 0.3 s a step of the small GPT under TP that neither
     the FLOPs nor the modelled links account for)."""
     import torch
-    import torch.distributed as dist
 
     from parallab.models.registry import build_meta, get_family
     from parallab.parallel.dims import dims_for
@@ -258,34 +269,10 @@ def _block_cost(block: list[int], n: int, r: int, backend: str, rounds: int = 7)
         if strategy == "tp":  # the blocks alone: what is left is the embeddings, head and loss
             runs["tp-layers"] = (par.module.layers, None, hidden)
             runs["plain-tp-layers"] = (plain.layers, None, hidden)
-
-    def step(module, par, x) -> float:
-        t0 = time.perf_counter()
-        if x.is_floating_point():  # a stack of blocks on hidden states
-            h = x
-            for blk in module.values():
-                h = blk(h)
-            h.sum().backward()
-        elif par is None:
-            family.loss(module(x), x).backward()
-        else:
-            with par.loss_context():
-                family.loss(module(x), x).backward()
-        return time.perf_counter() - t0
-
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for i in range(rounds + 1):  # one warm-up round
-        for name, (module, par, x) in runs.items():
-            dist.barrier()
-            t = torch.tensor([step(module, par, x)], dtype=torch.float64)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            module.zero_grad(set_to_none=True)
-            hidden.grad = None
-            if i >= 1:
-                times[name].append(t.item())
+    med = _alternate(runs, family.loss, rounds, warmup=1)
     return {"collective": "block", "world_size": n, "backend": backend, "device_type": "cpu",
             "rounds": rounds, "block": [d, heads, ratio, seq, seqs], "layers": BLOCK_LAYERS,
-            "step_s": {k: statistics.median(v) for k, v in times.items()}}
+            "step_s": med}
 
 
 def block_key(d: int, heads: int, ratio: int, seq: int) -> str:
