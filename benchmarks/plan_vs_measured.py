@@ -71,7 +71,8 @@ def main() -> None:
     out = Path(a.out)
     cache = out / ".cache"
     known = load_machine_profile(cache)
-    from parallab.commbench import block_key, run_comm_bench
+    from parallab.commbench import run_comm_bench
+    from parallab.plan.strategy_cost import block_key
     from parallab.plan.shapes import model_shape
 
     shape = model_shape("gpt", a.preset)

@@ -16,11 +16,8 @@ every device computes at once than when one computes alone (``concurrency_x``; s
 memory bandwidth, the host's other work, the skew a synchronous step waits for). The same block
 of transformer work runs in every rank between barriers, the slowest rank's time counted, in
 rounds alternating with rank 0 working alone; the ratio of medians enters the planner's
-compute term (plan/speed.py). And the fixed cost per transformer block that tensor parallelism
-and FSDP add to a plain model (DTensor dispatch, FSDP's hooks and copies, each collective's
-wake-up): a GPT too small for its FLOPs to matter, run under parallab's own TP and FSDP on all
-ranks and plain, in alternating rounds (``overhead_per_block_s``, replacing the planner's
-defaults for this machine).
+compute term (plan/speed.py). And, in the same ranks, what tensor parallelism and FSDP cost per
+transformer block beyond their share (plan/strategy_cost.py).
 """
 
 from __future__ import annotations
@@ -51,7 +48,7 @@ class CommSpec:
     concurrency_rounds: int = 12  # CPUs only; 0: skip (about 0.3 s a round)
     overhead_rounds: int = 25  # CPUs only; 0: skip (the TP and FSDP per-block cost, about 4 s)
     # CPUs: a model's blocks at their own width under TP and FSDP ([d_model, n_heads, mlp_ratio,
-    # seq_len, sequences per micro-batch]), see _block_cost; None: skip.
+    # seq_len, sequences per micro-batch]), see plan/strategy_cost.block_cost; None: skip.
     block: list[int] | None = None
 
 
@@ -114,9 +111,13 @@ def _run_rank(spec: CommSpec) -> None:
         if not cuda and spec.concurrency_rounds > 0:
             rows.append(_concurrency(spec.concurrency_rounds, n, r, info.backend))
         if not cuda and spec.overhead_rounds > 0:
-            rows.append(_strategy_overheads(spec.overhead_rounds, n, r, info.backend))
+            from parallab.plan.strategy_cost import strategy_overheads
+
+            rows.append(strategy_overheads(spec.overhead_rounds, n, info.backend))
         if not cuda and spec.block:
-            rows.append(_block_cost(spec.block, n, r, info.backend))
+            from parallab.plan.strategy_cost import block_cost
+
+            rows.append(block_cost(spec.block, n, info.backend))
         if r == 0:
             tmp = Path(spec.result_path + ".tmp")
             tmp.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
@@ -153,177 +154,6 @@ def _concurrency(rounds: int, n: int, r: int, backend: str) -> dict:
     ratio = statistics.median(together) / statistics.median(alone) if r == 0 else 0.0
     return {"collective": "compute", "world_size": n, "backend": backend, "device_type": "cpu",
             "rounds": rounds, "together_s": together, "alone_s": alone, "concurrency_x": max(1.0, ratio)}
-
-
-def overhead_model(n: int) -> dict:
-    """A GPT so small that its FLOPs cost nothing (what its step costs is the framework's),
-    with heads and vocabulary that split ``n`` ways."""
-    heads = max(2, n)
-    return dict(vocab_size=32 * heads, seq_len=8, d_model=8 * heads, n_layers=4, n_heads=heads)
-
-
-def _alternate(runs: dict, loss, rounds: int, warmup: int) -> dict[str, float]:
-    """Time every run of ``runs`` ({name: (module, parallelized or None, input)}) in turn, each
-    between barriers on all ranks, ``warmup`` + ``rounds`` rounds: forward, ``loss`` (the input
-    as targets) and backward of a model on tokens, or of a stack of blocks (a ModuleDict) on
-    hidden states. The slowest rank's wall time counts; median over the timed rounds."""
-    import torch
-    import torch.distributed as dist
-
-    def step(module, par, x) -> float:
-        t0 = time.perf_counter()
-        if x.is_floating_point():
-            h = x
-            for blk in module.values():
-                h = blk(h)
-            h.sum().backward()
-        elif par is None:
-            loss(module(x), x).backward()
-        else:
-            with par.loss_context():
-                loss(module(x), x).backward()
-        return time.perf_counter() - t0
-
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for i in range(warmup + rounds):
-        for name, (module, par, x) in runs.items():
-            dist.barrier()
-            t = torch.tensor([step(module, par, x)], dtype=torch.float64)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            module.zero_grad(set_to_none=True)
-            x.grad = None
-            if i >= warmup:
-                times[name].append(t.item())
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def _strategy_overheads(rounds: int, n: int, r: int, backend: str) -> dict:
-    """The fixed cost per transformer block that tensor parallelism and FSDP add on this
-    machine's devices: a tiny GPT's forward and backward (one sequence of 8 tokens) under
-    parallab's own TP and FSDP (plan/parallelize.py) on all ``n`` ranks, against the plain
-    model on every rank at once, in alternating rounds; wall time of the slowest rank, median
-    over rounds. What the difference holds: DTensor's sharding propagation and redistributes,
-    FSDP's hooks and buffer copies, and every collective's latency including waking the rank
-    that waits for it (the launcher subtracts the collectives' modelled latency, which the
-    planner counts apart). On GPUs the host runs ahead of the device and hides this cost."""
-    import torch
-
-    from parallab.models.registry import build_meta, get_family
-    from parallab.parallel.dims import dims_for
-    from parallab.parallel.parallelize import parallelize
-
-    family = get_family("gpt")
-    shape = overhead_model(n)
-    cfg = family.config("debug", shape)
-    x = torch.randint(0, cfg.vocab_size, (1, cfg.seq_len), generator=torch.Generator().manual_seed(0))
-    runs = {"plain": (family.build(cfg), None, x)}
-    for strategy in ("tp", "fsdp"):
-        par = parallelize(build_meta(family, cfg), family, cfg, dims_for(strategy, n),
-                          device=torch.device("cpu"), seed=0)
-        runs[strategy] = (par.module, par, x)
-    med = _alternate(runs, family.loss, rounds, warmup=2)
-    return {"collective": "overhead", "world_size": n, "backend": backend, "device_type": "cpu",
-            "rounds": rounds, "model": shape, "layers": cfg.n_layers,
-            "tokens": cfg.seq_len, "step_s": med}
-
-
-BLOCK_LAYERS = 2
-AT_SIZE = ("tp", "fsdp")
-
-
-def _block_cost(block: list[int], n: int, r: int, backend: str, rounds: int = 7) -> dict:
-    """TP's and FSDP's real cost at a model's own width: a GPT of two blocks (d_model, n_heads,
-    mlp_ratio, seq_len from ``block``; a vocabulary of 32 n, so its embeddings cost nothing),
-    forward, loss and backward on a micro-batch of ``block[4]`` sequences, under parallab's TP
-    and FSDP over all ``n`` ranks and plain on every rank at once (so both sides share the
-    machine alike; plain on the micro-batch a rank of the strategy holds: all of it under TP,
-    1/n under FSDP), alternating rounds, slowest rank, median.
-
-    The tiny-model probe (_strategy_overheads) sees dispatch only. At a real width a TP rank
-    also pays what does not shrink with its share of the FLOPs: the norms and residual adds
-    every rank repeats, DTensor's copies, narrower matmuls, and all-reduces arriving while the
-    other rank still computes; an FSDP rank its buffer copies and collectives competing with
-    compute for the cores (on the 2-core VM 0.3 s a step of the small GPT under TP that neither
-    the FLOPs nor the modelled links account for)."""
-    import torch
-
-    from parallab.models.registry import build_meta, get_family
-    from parallab.parallel.dims import dims_for
-    from parallab.parallel.parallelize import parallelize
-
-    d, heads, ratio, seq, seqs = (int(v) for v in block)
-    family = get_family("gpt")
-    cfg = family.config("debug", dict(d_model=d, n_heads=heads, mlp_ratio=ratio, seq_len=seq,
-                                      n_layers=BLOCK_LAYERS, vocab_size=32 * n))
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, cfg.vocab_size, (seqs, seq), generator=g)
-    local = tokens[: max(1, seqs // n)]
-    cpu = torch.device("cpu")
-    plain = family.build(cfg)
-    hidden = torch.randn(seqs, seq, d, generator=g, requires_grad=True)
-    runs = {}
-    for strategy in AT_SIZE:
-        par = parallelize(build_meta(family, cfg), family, cfg, dims_for(strategy, n), device=cpu, seed=0)
-        runs[strategy] = (par.module, par, tokens if strategy == "tp" else local)
-        runs[f"plain-{strategy}"] = (plain, None, tokens if strategy == "tp" else local)
-        if strategy == "tp":  # the blocks alone: what is left is the embeddings, head and loss
-            runs["tp-layers"] = (par.module.layers, None, hidden)
-            runs["plain-tp-layers"] = (plain.layers, None, hidden)
-    med = _alternate(runs, family.loss, rounds, warmup=1)
-    return {"collective": "block", "world_size": n, "backend": backend, "device_type": "cpu",
-            "rounds": rounds, "block": [d, heads, ratio, seq, seqs], "layers": BLOCK_LAYERS,
-            "step_s": med}
-
-
-def block_key(d: int, heads: int, ratio: int, seq: int) -> str:
-    return f"d{d}-h{heads}-ff{ratio * d}-T{seq}"
-
-
-def block_extra(row: dict, fits: dict) -> dict[str, float]:
-    """Seconds per block and micro-batch that a TP or FSDP rank spends beyond its share of the
-    plain model's step and the collectives plan/speed.py models for it (TP: 4 all-reduces of
-    the activations; FSDP: 2 all-gathers and a reduce-scatter of the block's weights), from
-    ``_block_cost``'s row; and ``tp_root``, TP's cost per micro-batch outside the blocks (the
-    vocabulary-parallel embedding and head, the loss on sharded logits, less their 2 modelled
-    all-reduces). Never below zero."""
-    from parallab.plan.profiles import Link
-
-    n, (d, _, ratio, seq, seqs) = row["world_size"], row["block"]
-    t = row["step_s"]
-
-    def link(coll: str, nbytes: float) -> float:
-        f = fits.get(coll)
-        return Link(f["alpha_s"], f["busbw"]).time(coll, nbytes, n) if f else 0.0
-
-    weights = (4 + 2 * ratio) * d * d * 4
-    act = link("all_reduce", seqs * seq * d * 4)
-    fsdp = (t["fsdp"] - t["plain-fsdp"]) / row["layers"]
-    fsdp -= 2 * link("all_gather", weights) + link("reduce_scatter", weights)
-    tp = (t["tp-layers"] - t["plain-tp-layers"] / n) / row["layers"] - 4 * act
-    root = (t["tp"] - t["tp-layers"]) - (t["plain-tp"] - t["plain-tp-layers"]) / n - 2 * act
-    return {"tp": max(0.0, tp), "tp_root": max(0.0, root), "fsdp": max(0.0, fsdp)}
-
-
-def overhead_per_block(row: dict, fits: dict) -> dict[str, float]:
-    """Seconds per block per micro-batch (forward and backward) that TP and FSDP add to the
-    plain model, from ``_strategy_overheads``' row, less the collectives' latency the planner
-    models apart (plan/speed.py: TP 4 all-reduces per block and 2 more for embeddings and loss;
-    FSDP an all-gather in forward and backward and a reduce-scatter per block plus the root).
-    Never below zero."""
-    from parallab.plan.profiles import Link
-
-    n, layers, t = row["world_size"], row["layers"], row["step_s"]
-    act = row["tokens"] * row["model"]["d_model"] * 4
-
-    def lat(coll: str, nbytes: float) -> float:
-        f = fits.get(coll)
-        return Link(f["alpha_s"], f["busbw"]).time(coll, nbytes, n) if f else 0.0
-
-    tp_comm = (4 * layers + 2) * lat("all_reduce", act)
-    per_block_params = 12 * row["model"]["d_model"] ** 2 * 4
-    fsdp_comm = (layers + 1) * (2 * lat("all_gather", per_block_params) + lat("reduce_scatter", per_block_params))
-    return {"tp": max(0.0, (t["tp"] - t["plain"] - tp_comm) / layers),
-            "fsdp": max(0.0, (t["fsdp"] - t["plain"] - fsdp_comm) / layers)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -409,6 +239,8 @@ def run_comm_bench(*, devices: int = 2, sizes: tuple[int, ...] = DEFAULT_SIZES,
     if compute:
         profile["concurrency_x"] = compute[0]["concurrency_x"]
         profile["concurrency"] = compute[0]
+    from parallab.plan.strategy_cost import block_extra, block_key, overhead_per_block
+
     if overhead:
         profile["overhead_per_block_s"] = overhead_per_block(overhead[0], fits)
         profile["overhead"] = overhead[0]

@@ -114,7 +114,7 @@ def test_comm_bench_two_ranks(tmp_path):
     expected = conc["concurrency_x"] if cpu_cores() >= 2 else 1.0
     assert prof.concurrency_x == pytest.approx(expected)
     # TP's and FSDP's fixed cost per block over the plain model, measured on the same ranks.
-    from parallab.commbench import overhead_per_block
+    from parallab.plan.strategy_cost import overhead_per_block
 
     saved = json.loads(out["profile"].read_text())
     steps = saved["overhead"]["step_s"]
@@ -126,7 +126,7 @@ def test_comm_bench_two_ranks(tmp_path):
         assert prof.tp_overhead_x == pytest.approx(per["tp"] / 1e-3)  # no compute probe cached
     # TP and FSDP at the given width: every run timed, the costs derived from them and cached
     # under the width for predictions (plan/predict.measured_block_extra).
-    from parallab.commbench import block_extra, block_key
+    from parallab.plan.strategy_cost import block_extra, block_key
 
     (measured,) = saved["block"]
     assert measured["block"] == list(block) and measured["layers"] == 2

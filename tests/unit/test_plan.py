@@ -376,7 +376,7 @@ def test_block_probe_ratio_of_a_point_to_itself_is_about_one():
 def test_strategy_overhead_per_block_by_hand():
     """bench-comm's tiny-model probe: what TP and FSDP add per block over the plain model, less
     the collectives' latency the planner counts apart, never negative."""
-    from parallab.commbench import overhead_per_block
+    from parallab.plan.strategy_cost import overhead_per_block
 
     fits = {c: {"alpha_s": 1e-4, "busbw": 1e9} for c in ("all_reduce", "all_gather", "reduce_scatter")}
     row = {"world_size": 2, "layers": 4, "tokens": 8, "model": {"d_model": 16},
@@ -410,7 +410,7 @@ def test_block_extra_at_size_by_hand():
     """bench-comm's at-width probe: what a TP or FSDP rank spends per block beyond its share of
     the plain step and the collectives the planner models for it; TP's embeddings, head and loss
     apart; never negative."""
-    from parallab.commbench import block_extra
+    from parallab.plan.strategy_cost import block_extra
 
     fits = {c: {"alpha_s": 1e-4, "busbw": 1e9} for c in ("all_reduce", "all_gather", "reduce_scatter")}
     row = {"world_size": 2, "layers": 2, "block": [32, 2, 4, 16, 4],
@@ -460,7 +460,7 @@ def test_step_time_takes_measured_block_costs():
 def test_measured_block_costs_are_looked_up_by_width_batch_and_degree(tmp_path):
     import dataclasses
 
-    from parallab.commbench import block_key
+    from parallab.plan.strategy_cost import block_key
     from parallab.plan.predict import measured_block_extra
 
     shape = model_shape("gpt", "small")

@@ -123,12 +123,12 @@ def optimizer_of_row(row: dict) -> str:
 def measured_block_extra(shape: ModelShape, lay: Layout, global_batch: int,
                          prof: DeviceProfile) -> dict[str, float] | None:
     """TP's and FSDP's measured cost per block beyond a rank's share and its modelled
-    collectives (``parallab bench-comm`` with a model's block, commbench._block_cost), for this
+    collectives (``parallab bench-comm`` with a model's block, plan/strategy_cost.block_cost), for this
     model's width, the layout's micro-batch and degree; None when not measured. GPT blocks are
     what it measures, so only the gpt family takes it."""
     if (lay.tp < 2 and lay.fsdp < 2) or shape.family != "gpt":
         return None
-    from parallab.commbench import block_key
+    from parallab.plan.strategy_cost import block_key
 
     seqs = global_batch // lay.dp // (lay.microbatches if lay.pp > 1 else 1)
     table = (prof.measured.get("block_extra_s") or {}).get(

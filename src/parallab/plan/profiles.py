@@ -191,7 +191,7 @@ def cpu_profile(cache_dir: Path | None = None, *, probe: bool = True) -> DeviceP
         devices_per_node=cores, intra=intra, inter=intra, efficiency=comp.get("efficiency", 0.7),
         overlap=0.0, block_overhead_s=comp["block_overhead_s"],
         # TP's and FSDP's fixed cost per block: measured by bench-comm on this machine's
-        # devices (commbench._strategy_overheads) when it ran; else the values measured once on
+        # devices (plan/strategy_cost.strategy_overheads) when it ran; else the values measured once on
         # a 2-core Xeon VM, torch 2.13, debug GPT (CPU time per step, tp=2, fsdp=2 and 2-stage
         # pipelines against one device): about 15x and 5x a plain block's dispatch cost, and 2x
         # per pipeline micro-batch step (schedule, p2p).

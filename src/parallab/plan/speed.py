@@ -92,8 +92,7 @@ def step_time(shape: ModelShape, lay: Layout, *, global_batch: int, prof: Device
     rate's own point (plan/efficiency.cost_factor); 1 when not given. ``block_extra``: {"tp": s,
     "tp_root": s, "fsdp": s}, a TP or FSDP rank's measured cost per block (tp_root: per
     micro-batch, outside the blocks) beyond its share of the FLOPs and its modelled collectives,
-    at this width and micro-batch
-    (commbench._block_cost); it replaces the profile's dispatch overhead of that technique
+    at this width and micro-batch (plan/strategy_cost.py); it replaces the profile's dispatch overhead of that technique
     (and, for TP, the narrow-matmul part of ``cost_factor``; for FSDP, the modelled copies)."""
     prec = prec or Precision.for_dtype(dtype)
     rate = rate or prof.rate(dtype)
@@ -124,7 +123,7 @@ def step_time(shape: ModelShape, lay: Layout, *, global_batch: int, prof: Device
     measured_fsdp = f > 1 and extra.get("fsdp") is not None
     overhead = prof.block_overhead_s * (1 + (prof.tp_overhead_x if t > 1 and not measured_tp else 0)
                                         + (prof.fsdp_overhead_x if f > 1 and not measured_fsdp else 0))
-    # Measured with every rank busy (commbench._block_cost), so not scaled by concurrency below.
+    # Measured with every rank busy (plan/strategy_cost.py), so not scaled by concurrency below.
     measured_mb = 0.0
     if measured_tp:  # the plain block's dispatch is shared like its FLOPs; the rest was measured
         overhead -= prof.block_overhead_s * (1 - 1 / t)
